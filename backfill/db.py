@@ -1,0 +1,203 @@
+"""The engine for a database URL: SQLite file, libSQL embedded file, libSQL remote, PostgreSQL.
+
+Accepted forms (`--database-url`, `DATABASE_URL`, or `TURSO_URL` + `TURSO_AUTH_TOKEN`):
+
+    ./memory.db, /abs/memory.db           SQLite file, stdlib driver
+    sqlite:///memory.db                   SQLite file, stdlib driver
+    sqlite+libsql:///memory.db, file:x.db libSQL embedded file
+    libsql://HOST[:PORT]                  libSQL remote over TLS (token from TURSO_AUTH_TOKEN)
+    libsql://HOST:PORT?tls=0, http://…    libSQL remote without TLS (a local sqld)
+    postgresql://USER:PASS@HOST/DB        PostgreSQL (psycopg 3)
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine, make_url
+
+from backfill.config import Secret, Settings
+from backfill.errors import ConfigError
+
+_FIX = "pass --database-url or set DATABASE_URL (or TURSO_URL and TURSO_AUTH_TOKEN)"
+
+
+@dataclass(frozen=True)
+class Target:
+    """A resolved database: the SQLAlchemy URL, driver arguments and a printable name."""
+
+    url: sa.URL
+    kind: str  # "sqlite" | "libsql" | "libsql-remote" | "postgresql"
+    display: str
+    path: Path | None = None
+    connect_args: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def is_sqlite_family(self) -> bool:
+        return self.kind != "postgresql"
+
+
+def resolve(raw: str | None, auth_token: Secret | None = None) -> Target:
+    """Turn what the user gave into a `Target`, or raise `ConfigError` naming the fix."""
+    if not raw or not raw.strip():
+        raise ConfigError(f"no database given: {_FIX}")
+    raw = raw.strip()
+    scheme = raw.split("://", 1)[0].lower() if "://" in raw else ""
+    if scheme in ("", "file") or raw.startswith("file:"):
+        if raw.startswith("file:"):
+            path = raw[len("file:"):].lstrip("/") if raw.startswith("file://") else raw[len("file:"):]
+            return _file_target(path, libsql=True)
+        return _file_target(raw, libsql=False)
+    if scheme in ("sqlite", "sqlite+pysqlite"):
+        return _file_target(_sqlite_path(raw), libsql=False)
+    if scheme == "sqlite+libsql":
+        url = _parse(raw)
+        if url.host:
+            return _remote(url.host, url.port, dict(url.query), auth_token, secure_default=False)
+        return _file_target(_sqlite_path(raw), libsql=True)
+    if scheme in ("libsql", "https", "http", "wss", "ws"):
+        parts = urlsplit(raw)
+        if not parts.hostname:
+            raise ConfigError(f"libSQL URL has no host: {redact_url(raw)}; use libsql://HOST")
+        secure = scheme in ("libsql", "https", "wss")
+        return _remote(parts.hostname, parts.port, dict(parse_qsl(parts.query)), auth_token, secure_default=secure)
+    if scheme in ("postgresql", "postgres", "postgresql+psycopg", "postgresql+psycopg2"):
+        url = _parse(raw.replace("postgres://", "postgresql://", 1))
+        url = url.set(drivername="postgresql+psycopg")
+        if not url.database:
+            raise ConfigError(f"PostgreSQL URL names no database: {redact_url(raw)}; use postgresql://USER:PASS@HOST/DB")
+        return Target(url=url, kind="postgresql", display=url.render_as_string(hide_password=True))
+    raise ConfigError(
+        f"unsupported database URL scheme {scheme!r}: use a file path, sqlite:///FILE, "
+        "sqlite+libsql:///FILE, libsql://HOST or postgresql://USER@HOST/DB"
+    )
+
+
+def _parse(raw: str) -> sa.URL:
+    try:
+        return make_url(raw)
+    except Exception:
+        raise ConfigError(f"malformed database URL {redact_url(raw)}: {_FIX}") from None
+
+
+def _sqlite_path(raw: str) -> str:
+    path = _parse(raw).database
+    if not path or path == ":memory:":
+        raise ConfigError(f"{redact_url(raw)} names no file: use sqlite:///path/to/memory.db")
+    return path
+
+
+def _file_target(path: str, *, libsql: bool) -> Target:
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise ConfigError(f"database path is a directory: {p}; give the database file")
+    absolute = p.resolve()
+    if libsql:
+        url = sa.URL.create("sqlite+libsql", database=str(absolute))
+        return Target(url=url, kind="libsql", display=f"libsql file {p}", path=absolute)
+    url = sa.URL.create("sqlite", database=str(absolute))
+    return Target(url=url, kind="sqlite", display=f"sqlite file {p}", path=absolute)
+
+
+def _remote(host: str, port: int | None, query: dict[str, str], token: Secret | None, *, secure_default: bool) -> Target:
+    query = dict(query)
+    inline = query.pop("authToken", None) or query.pop("auth_token", None)
+    tls = query.pop("tls", None)
+    secure = query.pop("secure", None)
+    if tls is not None:
+        secure_flag = tls.lower() not in ("0", "false", "no")
+    elif secure is not None:
+        secure_flag = secure.lower() in ("1", "true", "yes")
+    else:
+        secure_flag = secure_default
+    token_value = inline or (token.reveal() if token else None)
+    url = sa.URL.create(
+        "sqlite+libsql",
+        host=host,
+        port=port,
+        query={**query, **({"secure": "true"} if secure_flag else {})},
+    )
+    hostport = f"{host}:{port}" if port else host
+    args: dict[str, Any] = {"auth_token": token_value} if token_value else {}
+    return Target(url=url, kind="libsql-remote", display=f"libsql://{hostport}", connect_args=args)
+
+
+_SECRETISH = re.compile(r"(?i)((?:authToken|auth_token|password|token)=)[^&\s]+")
+
+
+def redact_url(raw: str) -> str:
+    """A URL fit to print: password and token parameters replaced by ***."""
+    text = _SECRETISH.sub(r"\1***", raw)
+    try:
+        parts = urlsplit(text)
+        if parts.password:
+            text = text.replace(f":{parts.password}@", ":***@", 1)
+    except ValueError:
+        pass
+    return text
+
+
+def engine_for(target: Target, *, must_exist: bool = True) -> Engine:
+    """Create the engine. File databases that must exist are checked first: never created by a read."""
+    if target.path is not None:
+        if must_exist and not target.path.exists():
+            raise ConfigError(
+                f"database file not found: {target.path}; check --database-url, "
+                "or run `backfill migrate` to create a new database there"
+            )
+        if not target.path.parent.exists():
+            raise ConfigError(f"folder does not exist: {target.path.parent}; create it or fix --database-url")
+    kwargs: dict[str, Any] = {}
+    if target.kind == "sqlite":
+        kwargs["connect_args"] = {"timeout": 30}
+    elif target.kind in ("libsql", "libsql-remote"):
+        kwargs["connect_args"] = dict(target.connect_args)
+    elif target.kind == "postgresql":
+        kwargs["connect_args"] = {"connect_timeout": 10}
+        kwargs["pool_pre_ping"] = True
+    engine = sa.create_engine(target.url, **kwargs)
+    if target.kind == "sqlite":
+        _sqlite_pragmas(engine)
+    return engine
+
+
+def _sqlite_pragmas(engine: Engine) -> None:
+    @sa.event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn, _record):  # noqa: ANN001
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA busy_timeout = 30000")
+        cur.close()
+
+
+def probe(engine: Engine, target: Target, settings: Settings | None = None) -> None:
+    """Open one connection and run `SELECT 1`; any failure becomes a one-line ConfigError."""
+    try:
+        with engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+    except Exception as exc:  # driver errors differ per backend (libSQL raises plain ValueError)
+        raise ConfigError(f"cannot connect to {target.display}: {describe_error(exc, settings, target)}") from None
+
+
+def describe_error(exc: BaseException, settings: Settings | None = None, target: Target | None = None) -> str:
+    """One line, secrets removed, with a hint for the common causes."""
+    text = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    text = text[:300]
+    if settings is not None:
+        text = settings.redact(text)
+    if target is not None:
+        token = target.connect_args.get("auth_token")
+        if token:
+            text = text.replace(token, "***")
+    lowered = text.lower()
+    if "401" in lowered or "unauthorized" in lowered or "auth" in lowered and "fail" in lowered:
+        return f"{text} (check TURSO_AUTH_TOKEN)"
+    if "password authentication failed" in lowered:
+        return f"{text} (check the user and password in DATABASE_URL)"
+    if "not a database" in lowered:
+        return f"{text} (the file is not a SQLite database)"
+    return text

@@ -1,0 +1,59 @@
+"""Typed errors. Each carries its exit code; `cli.py` maps them to an exit in one place.
+
+Exit codes are a documented contract (README, `backfill --help`):
+
+    0   done
+    1   verify found drift (or migrate refused an incompatible live schema)
+    2   usage or configuration error (bad URL, missing key, unknown user, refused plan)
+    3   the job finished but some rows failed (they are recorded; `backfill retry-failed`)
+    4   another worker holds the job's lease
+    130 interrupted (SIGINT/SIGTERM); the job is resumable
+"""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_DRIFT = 1
+EXIT_USAGE = 2
+EXIT_ROWS_FAILED = 3
+EXIT_LEASE_HELD = 4
+EXIT_INTERRUPTED = 130
+
+
+class BackfillError(Exception):
+    """Base of every expected failure: printed as one line, never as a traceback."""
+
+    exit_code = EXIT_USAGE
+
+    def __init__(self, message: str, *, details: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details or []
+
+
+class ConfigError(BackfillError):
+    """Bad flags, environment or URL; unreachable database; missing key."""
+
+
+class SchemaDrift(BackfillError):
+    """The live schema differs from the migrations (verify) or cannot be adopted (migrate)."""
+
+    exit_code = EXIT_DRIFT
+
+
+class RowsFailed(BackfillError):
+    """The job ran to the end but some rows are recorded as failed."""
+
+    exit_code = EXIT_ROWS_FAILED
+
+
+class LeaseHeld(BackfillError):
+    """Another live worker holds the job."""
+
+    exit_code = EXIT_LEASE_HELD
+
+
+class Interrupted(BackfillError):
+    """Stopped by a signal after committing what finished; resumable."""
+
+    exit_code = EXIT_INTERRUPTED

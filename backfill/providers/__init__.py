@@ -1,0 +1,1 @@
+"""Embedding providers: one small interface, embed(texts) -> vectors + usage."""

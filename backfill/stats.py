@@ -1,0 +1,96 @@
+"""Coverage statistics, as the server's `get_statistics` reports them, for the whole table.
+
+For each embeddable table: total rows, rows with an embedding (a JSON array of numbers), rows
+missing one (NULL, '' or '[]'), rows whose embedding is malformed, and coverage of the whole
+table (not "of what was missing at start", the seed's mistake). Optionally per user.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from backfill.errors import ConfigError
+from backfill.schema import users
+from backfill.targets import SPECS, Spec, missing, valid_vector
+
+HEALTHY_COVERAGE = 90.0
+
+
+@dataclass
+class TableStats:
+    table: str
+    total: int
+    with_embedding: int
+    missing: int
+    malformed: int
+    coverage: float
+
+    @property
+    def verdict(self) -> str:
+        if self.total == 0 or self.coverage >= HEALTHY_COVERAGE:
+            return "healthy"
+        return "degraded" if self.coverage >= 50 else "critical"
+
+
+@dataclass
+class Stats:
+    user_email: str | None
+    tables: list[TableStats]
+
+    @property
+    def verdict(self) -> str:
+        order = ["healthy", "degraded", "critical"]
+        return max((t.verdict for t in self.tables), key=order.index, default="healthy")
+
+    @property
+    def recommendation(self) -> str | None:
+        low = [t.table for t in self.tables if t.verdict != "healthy"]
+        if not low:
+            return None
+        scope = f" -u {self.user_email}" if self.user_email else ""
+        return f"coverage below {HEALTHY_COVERAGE:.0f}% for {', '.join(low)}: run `backfill up{scope}`"
+
+    def as_dict(self) -> dict:
+        return {
+            "user_email": self.user_email,
+            "tables": {
+                t.table: {**{k: v for k, v in asdict(t).items() if k != "table"}, "verdict": t.verdict}
+                for t in self.tables
+            },
+            "verdict": self.verdict,
+            "recommendation": self.recommendation,
+        }
+
+
+def user_id_for(conn: Connection, email: str) -> str:
+    """The id of the user with this email, or a ConfigError that says so (exit 2)."""
+    found = conn.execute(sa.select(users.c.id).where(users.c.email == email)).scalar_one_or_none()
+    if found is None:
+        raise ConfigError(f"no user with email {email!r}: check -u/--user-email (see the users table)")
+    return found
+
+
+def table_stats(conn: Connection, spec: Spec, user_id: str | None = None) -> TableStats:
+    dialect = conn.dialect.name
+    col = spec.embedding
+    is_missing = missing(col)
+    is_valid = sa.and_(sa.not_(is_missing), valid_vector(col, dialect))
+    q = sa.select(
+        sa.func.count(),
+        sa.func.coalesce(sa.func.sum(sa.case((is_valid, 1), else_=0)), 0),
+        sa.func.coalesce(sa.func.sum(sa.case((is_missing, 1), else_=0)), 0),
+    ).select_from(spec.table)
+    if user_id is not None:
+        q = q.where(spec.user_id == user_id)
+    total, good, miss = conn.execute(q).one()
+    total, good, miss = int(total), int(good), int(miss)
+    coverage = round(100.0 * good / total, 2) if total else 100.0
+    return TableStats(spec.name, total, good, miss, total - good - miss, coverage)
+
+
+def collect(conn: Connection, user_email: str | None = None) -> Stats:
+    user_id = user_id_for(conn, user_email) if user_email else None
+    return Stats(user_email, [table_stats(conn, spec, user_id) for spec in SPECS.values()])

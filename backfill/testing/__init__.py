@@ -1,0 +1,1 @@
+"""Test helpers for backfill: an in-process fake of the OpenAI embeddings API."""

@@ -1,0 +1,1035 @@
+"""A small libSQL *remote* server (Hrana over HTTP) on loopback, for tests.
+
+``sqld`` is not available on every machine, so this module implements enough of
+the Hrana-over-HTTP protocol (versions 2 and 3: ``POST /v2/pipeline``,
+``POST /v3/pipeline`` and ``POST /v3/cursor``) on top of the standard-library
+:mod:`sqlite3` module for ``libsql_experimental`` (and therefore the
+``sqlite+libsql://`` SQLAlchemy dialect) to talk to it as to a real remote
+libSQL database.
+
+Important: ``libsql_experimental`` keeps the GIL while it waits on the network,
+so a server running on a thread of the *same* process as the client would
+never get to answer.  :class:`LibsqlServer` therefore runs the server in a
+child process by default (``python -m backfill.testing.libsql_server``) and
+talks to it through small loopback control endpoints for :meth:`drop_next` and
+:attr:`requests`.  ``in_process=True`` runs it on a thread instead, which is
+only usable by clients that release the GIL (plain HTTP clients, for example).
+
+Usage::
+
+    with LibsqlServer(str(tmp_path / "db.sqlite"), auth_token="t") as srv:
+        engine = create_engine(
+            f"sqlite+libsql://127.0.0.1:{srv.port}/",
+            connect_args={"auth_token": "t"},
+        )
+
+Command line::
+
+    python -m backfill.testing.libsql_server DB_PATH --port 0 --auth-token T
+
+prints one line ``{"url": "libsql://127.0.0.1:PORT?tls=0"}`` and serves until
+SIGTERM/SIGINT.
+
+Streams: every baton belongs to one stream, and every stream owns one
+:mod:`sqlite3` connection (``isolation_level=None``, so the client's own
+``BEGIN``/``COMMIT``/``ROLLBACK`` statements are what governs transactions; 5 s
+busy timeout).  Requests on a stream are serialized.  A stream ends with a
+``close`` request, or when it has been idle longer than ``idle_timeout``
+(checked lazily on every request); ending a stream rolls back whatever
+transaction it left open.  Batons are rotated on every response, as sqld does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import collections
+import hmac
+import json
+import math
+import os
+import re
+import secrets
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+import warnings
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+__all__ = ["LibsqlServer", "serve", "main"]
+
+HOST = "127.0.0.1"
+DEFAULT_IDLE_TIMEOUT = 60.0
+BUSY_TIMEOUT_S = 5.0
+
+_AUTH_ENV = "BACKFILL_LIBSQL_AUTH_TOKEN"
+_CONTROL_ENV = "BACKFILL_LIBSQL_CONTROL_TOKEN"
+_CONTROL_HEADER = "X-Backfill-Control"
+_CONTROL_PREFIX = "/_backfill/"
+_DEBUG_ENV = "BACKFILL_LIBSQL_SERVER_DEBUG"
+
+_PIPELINE_PATHS = {"/v2/pipeline", "/v3/pipeline", "/v3-protobuf/pipeline"}
+_CURSOR_PATHS = {"/v3/cursor"}
+_PROBE_PATHS = {"/", "/health", "/version", "/v2", "/v3"}
+
+
+class HranaError(Exception):
+    """An error reported to the client as a Hrana ``Error`` object."""
+
+    def __init__(self, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"message": self.message}
+        if self.code:
+            out["code"] = self.code
+        return out
+
+
+class _ProtocolError(Exception):
+    """A request the server rejects as a whole, with an HTTP status."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def _sqlite_error(exc: sqlite3.Error) -> HranaError:
+    code = getattr(exc, "sqlite_errorname", None)
+    if not code:
+        code = "SQLITE_MISUSE" if isinstance(exc, sqlite3.ProgrammingError) else "SQLITE_ERROR"
+    return HranaError(str(exc), code)
+
+
+# ---------------------------------------------------------------- values
+
+
+def _b64decode(text: str) -> bytes:
+    text = text.strip()
+    text += "=" * (-len(text) % 4)
+    try:
+        return base64.b64decode(text, validate=True)
+    except ValueError:
+        return base64.urlsafe_b64decode(text)
+
+
+def decode_value(value: Any) -> Any:
+    """Hrana ``Value`` -> Python value for :mod:`sqlite3`."""
+    if not isinstance(value, dict):
+        raise HranaError(f"invalid value: {value!r}", "HRANA_PROTO_ERROR")
+    kind = value.get("type")
+    if kind == "null":
+        return None
+    if kind == "integer":
+        return int(value["value"])
+    if kind == "float":
+        return float(value["value"])
+    if kind == "text":
+        return str(value["value"])
+    if kind == "blob":
+        return _b64decode(value.get("base64", ""))
+    raise HranaError(f"unknown value type: {kind!r}", "HRANA_PROTO_ERROR")
+
+
+def encode_value(value: Any) -> dict[str, Any]:
+    """Python value from :mod:`sqlite3` -> Hrana ``Value``."""
+    if value is None:
+        return {"type": "null"}
+    if isinstance(value, bool):
+        return {"type": "integer", "value": str(int(value))}
+    if isinstance(value, int):
+        return {"type": "integer", "value": str(value)}
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            # JSON has no Infinity/NaN; serde_json (sqld) writes null here, the
+            # client then fails to parse the value.  Keep it valid JSON at least.
+            return {"type": "float", "value": None}
+        return {"type": "float", "value": value}
+    if isinstance(value, str):
+        return {"type": "text", "value": value}
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return {"type": "blob", "base64": base64.b64encode(bytes(value)).decode("ascii").rstrip("=")}
+    return {"type": "text", "value": str(value)}
+
+
+# ---------------------------------------------------------------- SQL helpers
+
+
+def split_sql(sql: str) -> list[str]:
+    """Split a script into complete statements (trigger bodies stay whole)."""
+    statements: list[str] = []
+    current = ""
+    for piece in sql.split(";"):
+        current += piece + ";"
+        if sqlite3.complete_statement(current):
+            if current.strip().strip(";").strip():
+                statements.append(current)
+            current = ""
+    if current.strip().strip(";").strip():
+        statements.append(current[:-1])  # drop the ';' appended to the last piece
+    return statements
+
+
+_WRITE_ACTIONS = {
+    getattr(sqlite3, name)
+    for name in (
+        "SQLITE_ALTER_TABLE", "SQLITE_ANALYZE", "SQLITE_CREATE_INDEX",
+        "SQLITE_CREATE_TABLE", "SQLITE_CREATE_TEMP_INDEX", "SQLITE_CREATE_TEMP_TABLE",
+        "SQLITE_CREATE_TEMP_TRIGGER", "SQLITE_CREATE_TEMP_VIEW", "SQLITE_CREATE_TRIGGER",
+        "SQLITE_CREATE_VIEW", "SQLITE_CREATE_VTABLE", "SQLITE_DELETE",
+        "SQLITE_DROP_INDEX", "SQLITE_DROP_TABLE", "SQLITE_DROP_TEMP_INDEX",
+        "SQLITE_DROP_TEMP_TABLE", "SQLITE_DROP_TEMP_TRIGGER", "SQLITE_DROP_TEMP_VIEW",
+        "SQLITE_DROP_TRIGGER", "SQLITE_DROP_VIEW", "SQLITE_DROP_VTABLE", "SQLITE_INSERT",
+        "SQLITE_REINDEX", "SQLITE_UPDATE",
+    )
+    if hasattr(sqlite3, name)
+}
+
+# Statements that never return rows and must not be run speculatively by describe.
+_NO_ROWS_KEYWORDS = {
+    "BEGIN", "COMMIT", "END", "ROLLBACK", "SAVEPOINT", "RELEASE", "VACUUM", "ATTACH", "DETACH",
+}
+
+
+# ---------------------------------------------------------------- streams
+
+
+class _Stream:
+    def __init__(self, db_path: str) -> None:
+        self.conn = sqlite3.connect(
+            db_path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
+        )
+        self.conn.text_factory = lambda b: b.decode("utf-8", "replace")
+        self.lock = threading.Lock()
+        self.sqls: dict[int, str] = {}
+        self.last_used = time.monotonic()
+        self.closed = False
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            if self.conn.in_transaction:
+                self.conn.rollback()
+        except sqlite3.Error:
+            pass
+        try:
+            self.conn.close()
+        except sqlite3.Error:
+            pass
+
+    # -- statements
+
+    def _stmt_sql(self, stmt: dict[str, Any]) -> str:
+        if stmt.get("sql") is not None:
+            return stmt["sql"]
+        if stmt.get("sql_id") is not None:
+            try:
+                return self.sqls[int(stmt["sql_id"])]
+            except KeyError:
+                raise HranaError(f"SQL text {stmt['sql_id']} not found", "SQL_NOT_FOUND") from None
+        raise HranaError("statement has neither sql nor sql_id", "HRANA_PROTO_ERROR")
+
+    def _sql(self, req: dict[str, Any]) -> str:
+        return self._stmt_sql(req)
+
+    def execute(self, stmt: dict[str, Any]) -> tuple[list[dict[str, Any]], list[list[Any]], dict[str, Any]]:
+        """Run one statement; return (cols, python rows, extra result fields)."""
+        sql = self._stmt_sql(stmt)
+        args = [decode_value(v) for v in stmt.get("args") or []]
+        named = {}
+        for item in stmt.get("named_args") or []:
+            name = str(item["name"])
+            if name[:1] in ":@$?":
+                name = name[1:]
+            named[name] = decode_value(item["value"])
+        if args and named:
+            raise HranaError(
+                "mixing positional and named arguments is not supported by this test server",
+                "ARGS_INVALID",
+            )
+        params: Any = named if named else args
+        if len(split_sql(sql)) > 1:
+            raise HranaError("SQL string contains more than one statement", "SQL_MANY_STATEMENTS")
+        started = time.perf_counter()
+        try:
+            cur = self.conn.execute(sql, params)
+            rows = cur.fetchall()
+        except sqlite3.Error as exc:
+            raise _sqlite_error(exc) from None
+        except (OverflowError, ValueError, TypeError) as exc:
+            raise HranaError(str(exc), "SQLITE_MISUSE") from None
+        duration_ms = (time.perf_counter() - started) * 1000.0
+        cols = [{"name": d[0], "decltype": None} for d in (cur.description or [])]
+        affected = cur.rowcount if cur.rowcount is not None and cur.rowcount >= 0 else 0
+        lastrowid = cur.lastrowid
+        extra = {
+            "affected_row_count": affected,
+            "last_insert_rowid": None if lastrowid is None else str(lastrowid),
+            "rows_read": len(rows),
+            "rows_written": affected,
+            "query_duration_ms": duration_ms,
+        }
+        if not stmt.get("want_rows", True):
+            rows = []
+        return cols, rows, extra
+
+    def stmt_result(self, stmt: dict[str, Any]) -> dict[str, Any]:
+        cols, rows, extra = self.execute(stmt)
+        return {
+            "cols": cols,
+            "rows": [[encode_value(v) for v in row] for row in rows],
+            **extra,
+        }
+
+    def _cond(self, cond: dict[str, Any] | None, results: list, errors: list) -> bool:
+        if cond is None:
+            return True
+        kind = cond.get("type")
+        if kind == "ok":
+            step = int(cond["step"])
+            return step < len(results) and results[step] is not None
+        if kind == "error":
+            step = int(cond["step"])
+            return step < len(errors) and errors[step] is not None
+        if kind == "not":
+            return not self._cond(cond["cond"], results, errors)
+        if kind == "and":
+            return all(self._cond(c, results, errors) for c in cond["conds"])
+        if kind == "or":
+            return any(self._cond(c, results, errors) for c in cond["conds"])
+        if kind == "is_autocommit":
+            return not self.conn.in_transaction
+        raise HranaError(f"unknown batch condition {kind!r}", "HRANA_PROTO_ERROR")
+
+    def batch(self, batch: dict[str, Any]) -> dict[str, Any]:
+        results: list[dict[str, Any] | None] = []
+        errors: list[dict[str, Any] | None] = []
+        for step in batch.get("steps") or []:
+            if not self._cond(step.get("condition"), results, errors):
+                results.append(None)
+                errors.append(None)
+                continue
+            try:
+                results.append(self.stmt_result(step["stmt"]))
+                errors.append(None)
+            except HranaError as exc:
+                results.append(None)
+                errors.append(exc.to_json())
+        return {"step_results": results, "step_errors": errors}
+
+    def cursor_entries(self, batch: dict[str, Any]) -> list[dict[str, Any]]:
+        entries: list[dict[str, Any]] = []
+        results: list[Any] = []
+        errors: list[Any] = []
+        for index, step in enumerate(batch.get("steps") or []):
+            if not self._cond(step.get("condition"), results, errors):
+                results.append(None)
+                errors.append(None)
+                continue
+            try:
+                cols, rows, extra = self.execute(step["stmt"])
+            except HranaError as exc:
+                results.append(None)
+                errors.append(exc.to_json())
+                entries.append({"type": "step_error", "step": index, "error": exc.to_json()})
+                continue
+            results.append(True)
+            errors.append(None)
+            entries.append({"type": "step_begin", "step": index, "cols": cols})
+            for row in rows:
+                entries.append({"type": "row", "row": [encode_value(v) for v in row]})
+            entries.append(
+                {
+                    "type": "step_end",
+                    "affected_row_count": extra["affected_row_count"],
+                    "last_insert_rowid": extra["last_insert_rowid"],
+                }
+            )
+        return entries
+
+    def sequence(self, req: dict[str, Any]) -> None:
+        for sql in split_sql(self._sql(req)):
+            try:
+                self.conn.execute(sql)
+            except sqlite3.Error as exc:
+                raise _sqlite_error(exc) from None
+
+    def _explain(self, sql: str) -> tuple[list[Any], int]:
+        """EXPLAIN ``sql`` with NULLs bound to every parameter; return (program, n_params)."""
+        params: list[None] = []
+        for _ in range(2):
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    return self.conn.execute("EXPLAIN " + sql, params).fetchall(), len(params)
+            except sqlite3.ProgrammingError as exc:
+                match = re.search(r"statement uses (\d+)", str(exc))
+                if not match or params:
+                    raise
+                params = [None] * int(match.group(1))
+        raise AssertionError("unreachable")
+
+    def _columns_of(self, sql: str, count: int) -> list[dict[str, Any]]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            cur = self.conn.execute(sql, [None] * count)
+        try:
+            return [{"name": d[0], "decltype": None} for d in (cur.description or [])]
+        finally:
+            cur.close()
+
+    def describe(self, req: dict[str, Any]) -> dict[str, Any]:
+        """Hrana ``describe``: parameters, result columns, explain/read-only flags.
+
+        The stdlib module cannot prepare without stepping, so: EXPLAIN (which
+        only prepares) gives parameters and, through the authorizer, whether
+        the statement writes; result columns come from running read-only
+        statements once, and writers with a RETURNING clause inside a
+        SAVEPOINT that is rolled back.  ``decltype`` is always null.
+        """
+        sql = self._sql(req)
+        if len(split_sql(sql)) > 1:
+            raise HranaError("SQL string contains more than one statement", "SQL_MANY_STATEMENTS")
+        writes: list[int] = []
+
+        def authorizer(action: int, *_: Any) -> int:
+            if action in _WRITE_ACTIONS:
+                writes.append(action)
+            return sqlite3.SQLITE_OK
+
+        words = sql.strip().split(None, 1)
+        head = words[0].upper().rstrip(";") if words else ""
+        pragma_assign = head == "PRAGMA" and "=" in sql
+        self.conn.set_authorizer(authorizer)
+        try:
+            # EXPLAIN prepares the statement (running the authorizer) without executing it.
+            program, count = self._explain(sql)
+        except sqlite3.Error as exc:
+            if head != "PRAGMA" or pragma_assign:
+                raise _sqlite_error(exc) from None
+            # "EXPLAIN PRAGMA temp.x(...)" can fail before the temp schema exists,
+            # although the pragma itself works; query pragmas are read-only anyway.
+            program, count = [], 0
+        finally:
+            self.conn.set_authorizer(None)
+        names: dict[int, str] = {}
+        result_width = 0
+        for row in program:  # addr, opcode, p1, p2, p3, p4, p5, comment
+            if row[1] == "Variable" and row[5]:
+                names[int(row[2])] = str(row[5])
+            elif row[1] == "ResultRow":
+                result_width = max(result_width, int(row[3]))
+        readonly = not writes and not pragma_assign
+        cols: list[dict[str, Any]] = []
+        try:
+            if head in _NO_ROWS_KEYWORDS:
+                cols = []
+            elif pragma_assign:
+                pragma = re.sub(r"^\w+\.", "", sql.strip()[6:].split("=", 1)[0].strip())
+                cols = [{"name": pragma, "decltype": None}] if result_width else []
+            elif readonly:
+                cols = self._columns_of(sql, count)
+            elif result_width:  # a writer that returns rows (RETURNING): run it, then undo it
+                self.conn.execute("SAVEPOINT hrana_describe")
+                try:
+                    cols = self._columns_of(sql, count)
+                finally:
+                    self.conn.execute("ROLLBACK TO hrana_describe")
+                    self.conn.execute("RELEASE hrana_describe")
+        except sqlite3.Error:
+            cols = [{"name": None, "decltype": None} for _ in range(result_width)]
+        return {
+            "params": [{"name": names.get(i)} for i in range(1, count + 1)],
+            "cols": cols,
+            "is_explain": head == "EXPLAIN",
+            "is_readonly": readonly,
+        }
+
+    # -- one stream request
+
+    def handle(self, req: dict[str, Any]) -> dict[str, Any]:
+        kind = req.get("type")
+        if kind == "execute":
+            return {"type": "execute", "result": self.stmt_result(req["stmt"])}
+        if kind == "batch":
+            return {"type": "batch", "result": self.batch(req["batch"])}
+        if kind == "sequence":
+            self.sequence(req)
+            return {"type": "sequence"}
+        if kind == "describe":
+            return {"type": "describe", "result": self.describe(req)}
+        if kind == "store_sql":
+            self.sqls[int(req["sql_id"])] = req["sql"]
+            return {"type": "store_sql"}
+        if kind == "close_sql":
+            self.sqls.pop(int(req["sql_id"]), None)
+            return {"type": "close_sql"}
+        if kind == "get_autocommit":
+            return {"type": "get_autocommit", "is_autocommit": not self.conn.in_transaction}
+        if kind == "close":
+            self.close()
+            return {"type": "close"}
+        raise HranaError(f"unknown request type {kind!r}", "HRANA_PROTO_ERROR")
+
+
+class _Backend:
+    """Protocol state shared by all HTTP handler threads."""
+
+    def __init__(
+        self,
+        db_path: str,
+        auth_token: str | None,
+        idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+        control_token: str | None = None,
+        debug: bool = False,
+    ) -> None:
+        self.db_path = db_path
+        self.auth_token = auth_token or None
+        self.control_token = control_token or None
+        self.idle_timeout = idle_timeout
+        self.debug = debug
+        self.lock = threading.Lock()
+        self.streams: dict[str, _Stream] = {}  # baton -> stream
+        self.requests = 0
+        self.drop_plan: collections.deque[bool] = collections.deque()  # True: after processing
+        self.dropped = 0
+        self.unauthorized = 0
+        self.streams_opened = 0
+        self.expired = 0
+        self._stopped = threading.Event()
+        threading.Thread(target=self._reaper, name="libsql-server-reaper", daemon=True).start()
+
+    def _reaper(self) -> None:
+        interval = min(1.0, max(0.05, self.idle_timeout / 4))
+        while not self._stopped.wait(interval):
+            self._reap_idle()
+
+    def log(self, *parts: Any) -> None:
+        if self.debug:
+            print("[libsql-server]", *parts, file=sys.stderr, flush=True)
+
+    def authorized(self, header: str | None) -> bool:
+        if self.auth_token is None:
+            return True
+        if not header:
+            return False
+        scheme, _, value = header.strip().partition(" ")
+        if scheme.lower() != "bearer":  # the client sends "Bearer <token>"
+            return False
+        return hmac.compare_digest(value.strip().encode(), self.auth_token.encode())
+
+    def count_request(self) -> str | None:
+        """Count a Hrana request; say whether (and when) to drop its connection.
+
+        Returns None, "before" (drop without processing) or "after" (process,
+        then drop instead of answering).
+        """
+        with self.lock:
+            self.requests += 1
+            if self.drop_plan:
+                self.dropped += 1
+                return "after" if self.drop_plan.popleft() else "before"
+            return None
+
+    def drop_next(self, n: int, after_processing: bool = False) -> None:
+        with self.lock:
+            self.drop_plan.extend([bool(after_processing)] * max(0, int(n)))
+
+    def stats(self) -> dict[str, int]:
+        with self.lock:
+            return {
+                "requests": self.requests,
+                "drop_pending": len(self.drop_plan),
+                "dropped": self.dropped,
+                "unauthorized": self.unauthorized,
+                "streams_open": len(self.streams),
+                "streams_opened": self.streams_opened,
+                "streams_expired": self.expired,
+            }
+
+    def _reap_idle(self) -> None:
+        now = time.monotonic()
+        expired: list[_Stream] = []
+        with self.lock:
+            for baton, stream in list(self.streams.items()):
+                if now - stream.last_used > self.idle_timeout:
+                    del self.streams[baton]
+                    expired.append(stream)
+                    self.expired += 1
+        for stream in expired:
+            with stream.lock:
+                stream.close()
+
+    def _acquire(self, baton: str | None) -> _Stream:
+        self._reap_idle()
+        with self.lock:
+            if baton is None:
+                stream = _Stream(self.db_path)
+                self.streams_opened += 1
+                return stream
+            stream = self.streams.pop(baton, None)
+        if stream is None:
+            raise _ProtocolError(
+                HTTPStatus.BAD_REQUEST, "Stream not found: the baton is invalid or the stream expired"
+            )
+        return stream
+
+    def _release(self, stream: _Stream) -> str | None:
+        stream.last_used = time.monotonic()
+        if stream.closed:
+            return None
+        baton = secrets.token_urlsafe(18)
+        with self.lock:
+            self.streams[baton] = stream
+        return baton
+
+    def pipeline(self, body: dict[str, Any]) -> dict[str, Any]:
+        stream = self._acquire(body.get("baton"))
+        results: list[dict[str, Any]] = []
+        with stream.lock:
+            try:
+                for req in body.get("requests") or []:
+                    if stream.closed:
+                        results.append({"type": "error", "error": {"message": "stream is closed", "code": "STREAM_CLOSED"}})
+                        continue
+                    try:
+                        results.append({"type": "ok", "response": stream.handle(req)})
+                    except HranaError as exc:
+                        results.append({"type": "error", "error": exc.to_json()})
+                    except (KeyError, TypeError, ValueError) as exc:
+                        results.append(
+                            {"type": "error", "error": {"message": f"malformed request: {exc!r}", "code": "HRANA_PROTO_ERROR"}}
+                        )
+            finally:
+                baton = self._release(stream)
+        return {"baton": baton, "base_url": None, "results": results}
+
+    def cursor(self, body: dict[str, Any]) -> list[dict[str, Any]]:
+        stream = self._acquire(body.get("baton"))
+        with stream.lock:
+            try:
+                try:
+                    entries = stream.cursor_entries(body.get("batch") or {})
+                except HranaError as exc:
+                    entries = [{"type": "error", "error": exc.to_json()}]
+            finally:
+                baton = self._release(stream)
+        return [{"baton": baton, "base_url": None}, *entries]
+
+    def close_all(self) -> None:
+        self._stopped.set()
+        with self.lock:
+            streams = list(self.streams.values())
+            self.streams.clear()
+        for stream in streams:
+            with stream.lock:
+                stream.close()
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "backfill-libsql-test-server/1"
+    backend: _Backend  # set on the server subclass
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+        self.backend.log(self.address_string(), format % args)
+
+    # -- plumbing
+
+    def _read_body(self) -> bytes:
+        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+            chunks = []
+            while True:
+                size_line = self.rfile.readline(65537)
+                size = int(size_line.split(b";")[0].strip() or b"0", 16)
+                if size == 0:
+                    while self.rfile.readline(65537) not in (b"\r\n", b"\n", b""):
+                        pass
+                    break
+                chunks.append(self.rfile.read(size))
+                self.rfile.readline(65537)
+            return b"".join(chunks)
+        length = int(self.headers.get("Content-Length") or 0)
+        return self.rfile.read(length) if length > 0 else b""
+
+    def _send(self, status: int, payload: Any, content_type: str = "application/json") -> None:
+        data = payload if isinstance(payload, bytes) else json.dumps(payload).encode("utf-8")
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
+    def _send_error(self, status: int, message: str) -> None:
+        self._send(status, {"error": message, "message": message})
+
+    def _drop(self) -> None:
+        self.close_connection = True
+        try:
+            self.connection.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    # -- verbs
+
+    def do_GET(self) -> None:  # noqa: N802 - stdlib naming
+        path = self.path.split("?", 1)[0]
+        if path.startswith(_CONTROL_PREFIX):
+            self._control(path, b"")
+        elif path in _PROBE_PATHS:
+            self._send(HTTPStatus.OK, b"", "text/plain")
+        else:
+            self._send_error(HTTPStatus.NOT_FOUND, f"not found: {path}")
+
+    do_HEAD = do_GET
+
+    def do_POST(self) -> None:  # noqa: N802 - stdlib naming
+        path = self.path.split("?", 1)[0]
+        body = self._read_body()
+        backend = self.backend
+        if path.startswith(_CONTROL_PREFIX):
+            self._control(path, body)
+            return
+        if path not in _PIPELINE_PATHS and path not in _CURSOR_PATHS:
+            self._send_error(HTTPStatus.NOT_FOUND, f"not found: {path}")
+            return
+        drop = backend.count_request()
+        backend.log("POST", path, body[:4000].decode("utf-8", "replace"))
+        if drop == "before":
+            backend.log("dropping connection without processing the request")
+            self._drop()
+            return
+        if not backend.authorized(self.headers.get("Authorization")):
+            with backend.lock:
+                backend.unauthorized += 1
+            self._send_error(HTTPStatus.UNAUTHORIZED, "Unauthorized: missing or invalid auth token")
+            return
+        if path == "/v3-protobuf/pipeline":
+            self._send_error(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "protobuf encoding is not supported")
+            return
+        try:
+            request = json.loads(body or b"{}")
+            if not isinstance(request, dict):
+                raise ValueError("request body must be a JSON object")
+        except ValueError as exc:
+            self._send_error(HTTPStatus.BAD_REQUEST, f"invalid JSON body: {exc}")
+            return
+        try:
+            if path in _CURSOR_PATHS:
+                lines = backend.cursor(request)
+                data = b"".join(json.dumps(line).encode("utf-8") + b"\n" for line in lines)
+                content_type = "text/plain"
+            else:
+                data = json.dumps(backend.pipeline(request)).encode("utf-8")
+                content_type = "application/json"
+        except _ProtocolError as exc:
+            if drop == "after":
+                self._drop()
+            else:
+                self._send_error(exc.status, exc.message)
+            return
+        backend.log("->", data[:4000].decode("utf-8", "replace"))
+        if drop == "after":
+            backend.log("dropping connection after processing the request")
+            self._drop()
+            return
+        self._send(HTTPStatus.OK, data, content_type)
+
+    def _control(self, path: str, body: bytes) -> None:
+        backend = self.backend
+        token = self.headers.get(_CONTROL_HEADER) or ""
+        if backend.control_token is None or not hmac.compare_digest(
+            token.encode(), backend.control_token.encode()
+        ):
+            self._send_error(HTTPStatus.FORBIDDEN, "control endpoints need the control token")
+            return
+        if path == _CONTROL_PREFIX + "stats":
+            self._send(HTTPStatus.OK, backend.stats())
+        elif path == _CONTROL_PREFIX + "drop_next":
+            try:
+                n = int(json.loads(body or b"{}").get("n", 1))
+            except (ValueError, AttributeError):
+                self._send_error(HTTPStatus.BAD_REQUEST, "body must be {\"n\": int}")
+                return
+            backend.drop_next(n, bool(json.loads(body or b"{}").get("after_processing")))
+            self._send(HTTPStatus.OK, backend.stats())
+        else:
+            self._send_error(HTTPStatus.NOT_FOUND, f"not found: {path}")
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    backend: _Backend
+
+
+def serve(
+    db_path: str,
+    auth_token: str | None = None,
+    port: int = 0,
+    *,
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+    control_token: str | None = None,
+    debug: bool = False,
+) -> _Server:
+    """Bind (but do not start) a server on 127.0.0.1; call ``serve_forever()`` on it."""
+    backend = _Backend(db_path, auth_token, idle_timeout, control_token, debug)
+    handler = type("_BoundHandler", (_Handler,), {"backend": backend})
+    server = _Server((HOST, port), handler)
+    server.backend = backend
+    return server
+
+
+# ---------------------------------------------------------------- public API
+
+
+class LibsqlServer:
+    """A loopback libSQL remote server backed by the SQLite file ``db_path``.
+
+    ``url`` is the project's form (``libsql://127.0.0.1:PORT?tls=0``),
+    ``http_url`` is what ``libsql_experimental.connect`` takes, and the
+    SQLAlchemy URL is ``sqlite+libsql://127.0.0.1:PORT/`` (see
+    :attr:`sqlalchemy_url`), with ``connect_args={"auth_token": ...}``.
+    """
+
+    def __init__(
+        self,
+        db_path: str,
+        auth_token: str | None = None,
+        port: int = 0,
+        *,
+        idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+        in_process: bool = False,
+        debug: bool | None = None,
+        startup_timeout: float = 15.0,
+    ) -> None:
+        self.db_path = str(db_path)
+        self.auth_token = auth_token
+        self._requested_port = int(port)
+        self.idle_timeout = idle_timeout
+        self.in_process = in_process
+        self.debug = bool(os.environ.get(_DEBUG_ENV)) if debug is None else debug
+        self.startup_timeout = startup_timeout
+        self._control_token = secrets.token_urlsafe(24)
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+        self._proc: subprocess.Popen[str] | None = None
+        self.port: int | None = None
+
+    # -- lifecycle
+
+    def start(self) -> "LibsqlServer":
+        if self.port is not None:
+            return self
+        if self.in_process:
+            self._server = serve(
+                self.db_path,
+                self.auth_token,
+                self._requested_port,
+                idle_timeout=self.idle_timeout,
+                control_token=self._control_token,
+                debug=self.debug,
+            )
+            self.port = self._server.server_address[1]
+            self._thread = threading.Thread(
+                target=self._server.serve_forever, name=f"libsql-server-{self.port}", daemon=True
+            )
+            self._thread.start()
+            return self
+        self._start_subprocess()
+        return self
+
+    def _start_subprocess(self) -> None:
+        package_root = str(Path(__file__).resolve().parents[2])
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+        env[_CONTROL_ENV] = self._control_token
+        env.pop(_AUTH_ENV, None)
+        if self.auth_token:
+            env[_AUTH_ENV] = self.auth_token  # via the environment: not visible in `ps`
+        if self.debug:
+            env[_DEBUG_ENV] = "1"
+        cmd = [
+            sys.executable, "-m", "backfill.testing.libsql_server", self.db_path,
+            "--port", str(self._requested_port),
+            "--idle-timeout", str(self.idle_timeout),
+            "--parent-pid", str(os.getpid()),
+        ]
+        self._proc = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, env=env, text=True
+        )
+        line: list[str] = []
+        reader = threading.Thread(
+            target=lambda: line.append(self._proc.stdout.readline()), daemon=True  # type: ignore[union-attr]
+        )
+        reader.start()
+        reader.join(self.startup_timeout)
+        first = line[0] if line else ""
+        try:
+            url = json.loads(first)["url"]
+            self.port = int(url.split("//", 1)[1].split("?", 1)[0].rsplit(":", 1)[1])
+        except (ValueError, KeyError, IndexError):
+            self.stop()
+            raise RuntimeError(f"libsql test server did not start (first output line: {first!r})") from None
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server.backend.close_all()
+            self._server = None
+        if self._thread is not None:
+            self._thread.join(5)
+            self._thread = None
+        if self._proc is not None:
+            proc, self._proc = self._proc, None
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(5)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(5)
+            if proc.stdout is not None:
+                proc.stdout.close()
+        self.port = None
+
+    def __enter__(self) -> "LibsqlServer":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- addresses
+
+    def _need_port(self) -> int:
+        if self.port is None:
+            raise RuntimeError("LibsqlServer is not running")
+        return self.port
+
+    @property
+    def url(self) -> str:
+        return f"libsql://{HOST}:{self._need_port()}?tls=0"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{HOST}:{self._need_port()}"
+
+    @property
+    def sqlalchemy_url(self) -> str:
+        return f"sqlite+libsql://{HOST}:{self._need_port()}/"
+
+    # -- control
+
+    def _control(self, name: str, payload: dict[str, Any] | None = None) -> dict[str, Any]:
+        if self._server is not None:
+            backend = self._server.backend
+            if name == "drop_next":
+                payload = payload or {}
+                backend.drop_next(int(payload.get("n", 1)), bool(payload.get("after_processing")))
+            return backend.stats()
+        data = None if payload is None else json.dumps(payload).encode()
+        req = urllib.request.Request(
+            f"{self.http_url}{_CONTROL_PREFIX}{name}",
+            data=data,
+            method="GET" if data is None else "POST",
+            headers={_CONTROL_HEADER: self._control_token, "Content-Type": "application/json"},
+        )
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via a proxy
+        with opener.open(req, timeout=10) as resp:
+            return json.loads(resp.read())
+
+    def drop_next(self, n: int = 1, *, after_processing: bool = False) -> None:
+        """Close the TCP connection of the next ``n`` Hrana requests without answering.
+
+        By default the requests are not processed at all (the client may
+        retry them on the same stream).  With ``after_processing=True`` they
+        are executed first and only the response is lost, like a connection
+        that breaks on the way back (the stream's baton has moved on, so
+        the client's next request on that stream fails).
+        """
+        self._control("drop_next", {"n": int(n), "after_processing": bool(after_processing)})
+
+    def stats(self) -> dict[str, int]:
+        """Counters: requests, drop_pending, dropped, unauthorized, streams_open,
+        streams_opened, streams_expired."""
+        return self._control("stats")
+
+    @property
+    def requests(self) -> int:
+        """Hrana requests received (pipeline and cursor, including 401s and dropped ones)."""
+        return self.stats()["requests"]
+
+
+# ---------------------------------------------------------------- command line
+
+
+def _watch_parent(pid: int, stop: threading.Event) -> None:
+    while not stop.wait(0.5):
+        if os.getppid() != pid:
+            stop.set()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m backfill.testing.libsql_server",
+        description="Serve an SQLite file as a libSQL remote (Hrana over HTTP) on 127.0.0.1.",
+    )
+    parser.add_argument("db_path")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument(
+        "--auth-token", default=os.environ.get(_AUTH_ENV) or None,
+        help=f"required bearer token (default: ${_AUTH_ENV}; none means no auth)",
+    )
+    parser.add_argument("--idle-timeout", type=float, default=DEFAULT_IDLE_TIMEOUT)
+    parser.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--debug", action="store_true", default=bool(os.environ.get(_DEBUG_ENV)))
+    args = parser.parse_args(argv)
+
+    server = serve(
+        args.db_path,
+        args.auth_token,
+        args.port,
+        idle_timeout=args.idle_timeout,
+        control_token=os.environ.get(_CONTROL_ENV) or None,
+        debug=args.debug,
+    )
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: Any) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    if args.parent_pid:
+        threading.Thread(target=_watch_parent, args=(args.parent_pid, stop), daemon=True).start()
+    thread = threading.Thread(target=server.serve_forever, name="libsql-server", daemon=True)
+    thread.start()
+    print(json.dumps({"url": f"libsql://{HOST}:{server.server_address[1]}?tls=0"}), flush=True)
+    try:
+        while not stop.wait(0.5):
+            pass
+    finally:
+        server.shutdown()
+        server.server_close()
+        server.backend.close_all()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
