@@ -128,6 +128,164 @@ def stats(
     )
 
 
+Provider = Annotated[str, typer.Option("--provider", envvar="BACKFILL_PROVIDER",
+                                       help="openai (any OpenAI-compatible API) or local (offline, no key).")]
+Model = Annotated[Optional[str], typer.Option("--model", help="Embedding model [default: text-embedding-3-small].")]
+Dimensions = Annotated[Optional[int], typer.Option("--dimensions", help="Vector size (text-embedding-3-* can shorten).")]
+BaseUrl = Annotated[Optional[str], typer.Option("--base-url", help="OpenAI-compatible API root [default: $OPENAI_BASE_URL].")]
+Target = Annotated[str, typer.Option("--target", help="memories, entities or all.")]
+BatchSize = Annotated[int, typer.Option("-b", "--batch-size", help="Inputs per API request (seed: rows per batch).")]
+DelayMs = Annotated[int, typer.Option("-d", "--delay-ms", help="Extra pause between requests, in ms (pacing follows the quota without it).")]
+Concurrency = Annotated[int, typer.Option("--concurrency", help="Requests in flight at once.")]
+Limit = Annotated[Optional[int], typer.Option("--limit", help="Stop after this many rows (the job stays resumable).")]
+MaxRuntime = Annotated[Optional[float], typer.Option("--max-runtime", help="Stop after this many seconds (resumable).")]
+Recipe = Annotated[str, typer.Option("--recipe", help="Text recipe: mcp-memory-ts/1 (the server's) or unicode/1.")]
+ReembedAll = Annotated[bool, typer.Option("--reembed-all", help="Re-embed every row in scope, e.g. to change model.")]
+MaxRpm = Annotated[Optional[float], typer.Option("--max-rpm", help="Requests per minute [default: learned from headers].")]
+MaxTpm = Annotated[Optional[float], typer.Option("--max-tpm", help="Tokens per minute [default: learned from headers].")]
+Timeout = Annotated[float, typer.Option("--timeout", help="Seconds per API request.")]
+Wait = Annotated[bool, typer.Option("--wait", help="If another worker holds the job, wait for it instead of exiting 4.")]
+JobArg = Annotated[Optional[int], typer.Argument(help="Job id [default: the latest matching job].", show_default=False)]
+
+
+def _request(provider: str, model, dimensions, target, user_email, batch_size, delay_ms, concurrency, limit,  # noqa: ANN001
+             max_runtime, recipe, reembed_all, max_rpm, max_tpm, timeout, wait):
+    from backfill.commands import RunRequest
+
+    return RunRequest(provider=provider, model=model, dimensions=dimensions, target=target, user_email=user_email,
+                      batch_size=batch_size, delay_ms=delay_ms, concurrency=concurrency, limit=limit,
+                      max_runtime_s=max_runtime, recipe=recipe, reembed_all=reembed_all, max_rpm=max_rpm,
+                      max_tpm=max_tpm, timeout_s=timeout, wait=wait)
+
+
+@app.command()
+def run(
+    database_url: DatabaseUrl = None, provider: Provider = "openai", model: Model = None, dimensions: Dimensions = None,
+    base_url: BaseUrl = None, target: Target = "all", user_email: UserEmail = None, batch_size: BatchSize = 100,
+    delay_ms: DelayMs = 0, concurrency: Concurrency = 4, limit: Limit = None, max_runtime: MaxRuntime = None,
+    recipe: Recipe = "mcp-memory-ts/1", reembed_all: ReembedAll = False, max_rpm: MaxRpm = None,
+    max_tpm: MaxTpm = None, timeout: Timeout = 60.0, wait: Wait = False, log_format: LogFormat = "auto",
+) -> None:
+    """Embed every row that needs it: start a job, or resume the open one with the same parameters.
+
+    Example: backfill run -b 100 -u alice@example.com
+    """
+    from backfill import commands
+
+    req = _request(provider, model, dimensions, target, user_email, batch_size, delay_ms, concurrency, limit,
+                   max_runtime, recipe, reembed_all, max_rpm, max_tpm, timeout, wait)
+    _execute(log_format, lambda: load_settings(database_url, openai_base_url=base_url), lambda s: commands.run(s, req))
+
+
+@app.command()
+def up(
+    database_url: DatabaseUrl = None, provider: Provider = "openai", model: Model = None, dimensions: Dimensions = None,
+    base_url: BaseUrl = None, target: Target = "all", user_email: UserEmail = None, batch_size: BatchSize = 100,
+    delay_ms: DelayMs = 0, concurrency: Concurrency = 4, limit: Limit = None, max_runtime: MaxRuntime = None,
+    recipe: Recipe = "mcp-memory-ts/1", reembed_all: ReembedAll = False, max_rpm: MaxRpm = None,
+    max_tpm: MaxTpm = None, timeout: Timeout = 60.0, wait: Wait = False, log_format: LogFormat = "auto",
+) -> None:
+    """The whole chain: migrate -> verify -> run (resuming the open job) -> stats. Safe after every deploy.
+
+    Example: backfill up --database-url ./memory.db --provider local
+    """
+    from backfill import commands
+
+    req = _request(provider, model, dimensions, target, user_email, batch_size, delay_ms, concurrency, limit,
+                   max_runtime, recipe, reembed_all, max_rpm, max_tpm, timeout, wait)
+    _execute(log_format, lambda: load_settings(database_url, openai_base_url=base_url), lambda s: commands.up(s, req))
+
+
+@app.command()
+def resume(
+    job: JobArg = None, database_url: DatabaseUrl = None, base_url: BaseUrl = None, batch_size: BatchSize = 100,
+    delay_ms: DelayMs = 0, concurrency: Concurrency = 4, limit: Limit = None, max_runtime: MaxRuntime = None,
+    max_rpm: MaxRpm = None, max_tpm: MaxTpm = None, timeout: Timeout = 60.0, wait: Wait = False,
+    log_format: LogFormat = "auto",
+) -> None:
+    """Continue an interrupted job from its last committed batch (model and scope come from the job).
+
+    Example: backfill resume 7
+    """
+    from backfill import commands
+
+    req = _request("openai", None, None, "all", None, batch_size, delay_ms, concurrency, limit, max_runtime,
+                   "mcp-memory-ts/1", False, max_rpm, max_tpm, timeout, wait)
+    _execute(log_format, lambda: load_settings(database_url, openai_base_url=base_url),
+             lambda s: commands.resume(s, job, req))
+
+
+@app.command("retry-failed")
+def retry_failed(
+    job: JobArg = None, database_url: DatabaseUrl = None, base_url: BaseUrl = None, batch_size: BatchSize = 100,
+    concurrency: Concurrency = 4, timeout: Timeout = 60.0, wait: Wait = False, log_format: LogFormat = "auto",
+) -> None:
+    """Re-embed only the rows recorded as failed (nothing else is sent).
+
+    Example: backfill retry-failed 7
+    """
+    from backfill import commands
+
+    req = _request("openai", None, None, "all", None, batch_size, 0, concurrency, None, None, "mcp-memory-ts/1",
+                   False, None, None, timeout, wait)
+    _execute(log_format, lambda: load_settings(database_url, openai_base_url=base_url),
+             lambda s: commands.retry_failed(s, job, req))
+
+
+@app.command()
+def status(job: JobArg = None, database_url: DatabaseUrl = None, as_json: JsonFlag = False,
+           log_format: LogFormat = "auto") -> None:
+    """Progress of one job: counts, cursor, rate, tokens, cost, ETA.
+
+    Example: backfill status 7 --json
+    """
+    from backfill import commands
+
+    _execute("json" if as_json else log_format, lambda: load_settings(database_url), lambda s: commands.status(s, job))
+
+
+@app.command("jobs")
+def jobs_(database_url: DatabaseUrl = None, log_format: LogFormat = "auto") -> None:
+    """The latest jobs, newest first.
+
+    Example: backfill jobs
+    """
+    from backfill import commands
+
+    _execute(log_format, lambda: load_settings(database_url), commands.list_jobs)
+
+
+@app.command()
+def cancel(job: Annotated[int, typer.Argument(help="Job id.")], database_url: DatabaseUrl = None,
+           log_format: LogFormat = "auto") -> None:
+    """Mark a job cancelled; a running worker stops after its in-flight batch.
+
+    Example: backfill cancel 7
+    """
+    from backfill import commands
+
+    _execute(log_format, lambda: load_settings(database_url), lambda s: commands.cancel(s, job))
+
+
+@app.command("sample-db")
+def sample_db(
+    path: Annotated[str, typer.Argument(help="SQLite file to create (must not exist).")],
+    memories: Annotated[int, typer.Option("--memories", help="Memories to create.")] = 300,
+    entities: Annotated[int, typer.Option("--entities", help="Entities to create.")] = 100,
+    dimensions: Annotated[int, typer.Option("--dimensions", help="Size of the embeddings already present.")] = 384,
+    seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 7,
+    log_format: LogFormat = "auto",
+) -> None:
+    """Build a demo mcp-memory-ts database (legacy: no alembic_version) with a mix of missing embeddings.
+
+    Example: backfill sample-db demo.db
+    """
+    from backfill import commands
+
+    _execute(log_format, lambda: load_settings(path),
+             lambda s: commands.sample_db(s, memories=memories, entities=entities, dimensions=dimensions, seed=seed))
+
+
 def main() -> None:
     try:
         app()

@@ -53,3 +53,309 @@ def stats(settings: Settings, *, user_email: str | None = None) -> int:
     else:
         report.say(report.stats_block(data))
     return 0
+
+
+# --- the engine's commands -------------------------------------------------------------------
+
+import time as _time
+from dataclasses import dataclass, field as _field
+
+import sqlalchemy as _sa
+
+from backfill import jobs as _jobs, providers as _providers, runner as _runner, targets as _targets
+from backfill.errors import ConfigError, Interrupted, LeaseHeld, RowsFailed
+from backfill.limits import Limiter
+
+
+@dataclass
+class RunRequest:
+    provider: str = "openai"
+    model: str | None = None
+    dimensions: int | None = None
+    target: str = "all"
+    user_email: str | None = None
+    batch_size: int = 100
+    concurrency: int = 4
+    delay_ms: int = 0
+    limit: int | None = None
+    max_runtime_s: float | None = None
+    recipe: str = _targets.DEFAULT_RECIPE
+    reembed_all: bool = False
+    max_rpm: float | None = None
+    max_tpm: float | None = None
+    timeout_s: float = 60.0
+    wait: bool = False
+    wait_timeout_s: float = 600.0
+    extra: dict = _field(default_factory=dict)
+
+
+def _require_tables(engine: Engine) -> None:
+    if not _sa.inspect(engine).has_table("backfill_jobs"):
+        raise ConfigError("backfill's tables are missing: run `backfill migrate` (or `backfill up`) first")
+
+
+def _validate(req: RunRequest) -> None:
+    if req.target not in _targets.TARGET_CHOICES:
+        raise ConfigError(f"--target must be one of {', '.join(_targets.TARGET_CHOICES)}")
+    if req.recipe not in _targets.RECIPES:
+        raise ConfigError(f"--recipe must be one of {', '.join(_targets.RECIPES)}")
+    if not 1 <= req.batch_size <= _runner.MAX_REQUEST_INPUTS:
+        raise ConfigError(f"-b/--batch-size must be between 1 and {_runner.MAX_REQUEST_INPUTS}")
+    if not 1 <= req.concurrency <= 64:
+        raise ConfigError("--concurrency must be between 1 and 64")
+    if req.delay_ms < 0 or (req.limit is not None and req.limit < 1):
+        raise ConfigError("-d/--delay-ms must be >= 0 and --limit >= 1")
+
+
+def _options(req: RunRequest, user_id: str | None) -> _runner.RunOptions:
+    return _runner.RunOptions(
+        target=req.target, user_id=user_id, batch_size=req.batch_size, concurrency=req.concurrency,
+        delay_ms=req.delay_ms, limit=req.limit, max_runtime_s=req.max_runtime_s, recipe=req.recipe,
+        reembed_all=req.reembed_all,
+    )
+
+
+def _build_provider(settings: Settings, req: RunRequest):  # noqa: ANN202
+    return _providers.build(
+        req.provider, settings, model=req.model, dimensions=req.dimensions,
+        limiter=Limiter(req.max_rpm, req.max_tpm), timeout=req.timeout_s,
+    )
+
+
+def _claim(engine: Engine, job: _jobs.Job, worker: str, req: RunRequest) -> _jobs.Job:
+    deadline = _time.monotonic() + req.wait_timeout_s
+    while True:
+        try:
+            with engine.begin() as conn:
+                return _jobs.claim(conn, _jobs.get(conn, job.id), worker)
+        except LeaseHeld:
+            if not req.wait or _time.monotonic() >= deadline:
+                raise
+            report.say(f"job {job.id} is busy; waiting for its worker to finish")
+            _time.sleep(2.0)
+
+
+def _drive(settings: Settings, engine: Engine, job: _jobs.Job, provider, req: RunRequest,  # noqa: ANN001
+           options: _runner.RunOptions, *, retry: bool = False) -> int:
+    worker = _jobs.worker_identity()
+    job = _claim(engine, job, worker, req)
+    stop = _runner.StopFlag()
+    with engine.connect() as conn:
+        if retry:
+            total = len(_jobs.open_failures(conn, job.id))
+        else:
+            total = sum(_runner.count_remaining(conn, spec, job.dimensions, options, job.cursors.get(spec.name, 0))
+                        for spec in _targets.specs_for(job.target))
+    run = _runner.Runner(engine, provider, job, worker, options, None, stop)
+    status, reason = "interrupted", None
+    try:
+        with _runner.signals_stop(stop), report.Progress(job.id, total, "retry" if retry else "embedding") as progress:
+            run.progress = progress
+            outcome = run.retry() if retry else run.run()
+        reason = stop.reason
+        status = "cancelled" if reason == "cancelled" else ("interrupted" if reason else "done")
+    except _providers.base.FatalProviderError as exc:
+        reason = str(exc)
+        raise ConfigError(f"{exc} (job {job.id} is resumable: backfill resume {job.id})") from None
+    except BaseException as exc:
+        reason = f"{type(exc).__name__}"
+        raise
+    finally:
+        with engine.begin() as conn:
+            _jobs.finish(conn, job.id, worker, status, reason)
+    with engine.connect() as conn:
+        final = _jobs.get(conn, job.id)
+        cov = coverage.collect(conn, job.user_email)
+    outcome.status, outcome.stop_reason = status, reason
+    outcome.failed = int(final.failed)
+    if not outcome.failed_ids and outcome.failed:
+        with engine.connect() as conn:
+            outcome.failed_ids = [(r["target"], r["row_id"]) for r in _jobs.open_failures(conn, job.id)]
+    tables = [t for t in cov.tables if job.target in ("all", t.table)]
+    total_rows = sum(t.total for t in tables)
+    pct = 100.0 * sum(t.with_embedding for t in tables) / total_rows if total_rows else 100.0
+    report.event("job_finished", job=job.id, status=status, stop_reason=reason, selected=final.selected,
+                 embedded=final.embedded, failed=final.failed, skipped=final.skipped, batches=final.batches,
+                 requests=final.requests, tokens=final.tokens, cost_usd=round(final.cost_usd, 6),
+                 coverage=round(pct, 2), failed_ids=[f"{t}:{i}" for t, i in outcome.failed_ids[:100]])
+    report.say(report.final_block(outcome, pct, total_rows))
+    if status == "interrupted" and stop.signalled:
+        raise Interrupted(f"job {job.id} interrupted; resume with `backfill resume {job.id}`")
+    if status == "done" and final.failed:
+        raise RowsFailed(f"job {job.id}: {final.failed} row(s) failed; re-run them with `backfill retry-failed {job.id}`")
+    return 0
+
+
+def run(settings: Settings, req: RunRequest) -> int:
+    _validate(req)
+    _target, engine = open_database(settings)
+    _require_tables(engine)
+    with engine.connect() as conn:
+        user_id = coverage.user_id_for(conn, req.user_email) if req.user_email else None
+    provider = _build_provider(settings, req)
+    options = _options(req, user_id)
+    key = _jobs.JobKey("run", req.target, user_id, provider.name, provider.model, provider.dimensions, req.recipe)
+    with engine.begin() as conn:
+        job = _jobs.find_open(conn, key)
+        if job is None:
+            if not req.reembed_all:
+                for spec in _targets.specs_for(req.target):
+                    _runner.ensure_compatible(conn, spec, provider, user_id)
+            params = {"batch_size": req.batch_size, "concurrency": req.concurrency, "delay_ms": req.delay_ms,
+                      "reembed_all": req.reembed_all, "base_url": settings.openai_base_url}
+            job = _jobs.create(conn, key, user_email=req.user_email, batch_size=req.batch_size, params=params)
+            report.say(f"started job {job.id}: {req.target} with {provider.model} ({provider.dimensions} dimensions)")
+        else:
+            report.say(f"resuming job {job.id} from its last committed batch")
+    return _drive(settings, engine, job, provider, req, options)
+
+
+def _job_request(job: _jobs.Job, req: RunRequest) -> RunRequest:
+    params = job.params
+    req.provider, req.model, req.dimensions = job.provider, job.model, job.dimensions
+    req.target, req.user_email, req.recipe = job.target, job.user_email, job.recipe_version
+    req.reembed_all = bool(params.get("reembed_all"))
+    return req
+
+
+def _pick_job(conn, job_id: int | None, statuses: tuple[str, ...], what: str) -> _jobs.Job:  # noqa: ANN001
+    if job_id is not None:
+        return _jobs.get(conn, job_id)
+    job = _jobs.latest(conn, statuses)
+    if job is None:
+        raise ConfigError(f"no {what} job: see `backfill jobs`")
+    return job
+
+
+def resume(settings: Settings, job_id: int | None, req: RunRequest) -> int:
+    _target, engine = open_database(settings)
+    _require_tables(engine)
+    with engine.connect() as conn:
+        job = _pick_job(conn, job_id, _jobs.OPEN_STATUSES, "open")
+    if job.status not in _jobs.OPEN_STATUSES:
+        raise ConfigError(f"job {job.id} is {job.status}; nothing to resume (start a new one with `backfill run`)")
+    req = _job_request(job, req)
+    provider = _build_provider(settings, req)
+    report.say(f"resuming job {job.id} from its last committed batch")
+    return _drive(settings, engine, job, provider, req, _options(req, job.user_id))
+
+
+def retry_failed(settings: Settings, job_id: int | None, req: RunRequest) -> int:
+    _target, engine = open_database(settings)
+    _require_tables(engine)
+    with engine.connect() as conn:
+        if job_id is None:
+            row = conn.execute(_sa.text(
+                "SELECT job_id FROM backfill_failures WHERE kind = 'failed' AND resolved = :f ORDER BY job_id DESC LIMIT 1"
+            ), {"f": False}).first()
+            if row is None:
+                report.say("no recorded failures: nothing to retry")
+                return 0
+            job_id = int(row[0])
+        job = _jobs.get(conn, job_id)
+        pending = len(_jobs.open_failures(conn, job.id))
+    if not pending:
+        report.say(f"job {job.id} has no unresolved failures")
+        return 0
+    req = _job_request(job, req)
+    provider = _build_provider(settings, req)
+    report.say(f"retrying {pending} failed row(s) of job {job.id}")
+    return _drive(settings, engine, job, provider, req, _options(req, job.user_id), retry=True)
+
+
+def _job_view(conn, job: _jobs.Job, *, remaining: bool) -> dict:  # noqa: ANN001
+    row = dict(job.row)
+    row["cursors"] = job.cursors
+    row["params"] = job.params
+    rate = row["embedded"] / row["elapsed_s"] if row["elapsed_s"] else None
+    row["rate_rows_s"] = None if rate is None else round(rate, 2)
+    if remaining and job.status in _jobs.OPEN_STATUSES:
+        opts = _runner.RunOptions(target=job.target, user_id=job.user_id,
+                                  reembed_all=bool(job.params.get("reembed_all")))
+        left = sum(_runner.count_remaining(conn, s, job.dimensions, opts, job.cursors.get(s.name, 0))
+                   for s in _targets.specs_for(job.target))
+        row["remaining"] = left
+        row["eta_s"] = round(left / rate, 1) if rate else None
+    return row
+
+
+def status(settings: Settings, job_id: int | None) -> int:
+    _target, engine = open_database(settings)
+    _require_tables(engine)
+    with engine.connect() as conn:
+        job = _pick_job(conn, job_id, (), "")
+        view = _job_view(conn, job, remaining=True)
+    if report.is_json():
+        print(json.dumps(view, default=str), flush=True)
+        return 0
+    report.say(f"job {view['id']}  {view['status']}  {view['kind']} {view['target']}"
+               f"{' for ' + view['user_email'] if view['user_email'] else ''}")
+    report.say(f"  model      {view['provider']}:{view['model']} ({view['dimensions']} dims, recipe {view['recipe_version']})")
+    report.say(f"  rows       selected {view['selected']}  embedded {view['embedded']}  failed {view['failed']}  "
+               f"skipped {view['skipped']}")
+    report.say(f"  cursor     {view['cursors']}")
+    report.say(f"  work       {view['batches']} batches, {view['requests']} requests, {view['tokens']:,} tokens, "
+               f"${view['cost_usd']:.4f}")
+    rate = view["rate_rows_s"]
+    report.say(f"  rate       {rate if rate is not None else '-'} rows/s"
+               + (f"   remaining {view['remaining']}   ETA {view['eta_s'] if view.get('eta_s') is not None else '-'} s"
+                  if "remaining" in view else ""))
+    if view["worker_id"]:
+        report.say(f"  worker     {view['worker_id']} (lease until {view['lease_expires_at']})")
+    if view["stop_reason"]:
+        report.say(f"  stopped    {view['stop_reason']}")
+    return 0
+
+
+def list_jobs(settings: Settings) -> int:
+    _target, engine = open_database(settings)
+    _require_tables(engine)
+    with engine.connect() as conn:
+        views = [_job_view(conn, j, remaining=False) for j in _jobs.listing(conn)]
+    if report.is_json():
+        for v in views:
+            print(json.dumps(v, default=str), flush=True)
+        return 0
+    if not views:
+        report.say("no jobs yet: start one with `backfill up`")
+    for v in views:
+        report.say(f"{v['id']:>5}  {v['status']:<11} {v['kind']:<5} {v['target']:<8} {v['model']:<32} "
+                   f"embedded {v['embedded']:>7}  failed {v['failed']:>5}  {v['updated_at']}")
+    return 0
+
+
+def cancel(settings: Settings, job_id: int) -> int:
+    _target, engine = open_database(settings)
+    _require_tables(engine)
+    with engine.begin() as conn:
+        job = _jobs.cancel(conn, job_id)
+    report.say(f"job {job.id} cancelled; a running worker stops after its in-flight batch")
+    report.event("job_cancelled", job=job.id)
+    return 0
+
+
+def up(settings: Settings, req: RunRequest) -> int:
+    """migrate -> verify -> run (resuming the open job) -> stats; stops at the first failing step."""
+    migrate(settings)
+    verify(settings)
+    code = 0
+    try:
+        run(settings, req)
+    except RowsFailed as exc:
+        stats(settings, user_email=req.user_email)
+        raise exc
+    stats(settings, user_email=req.user_email)
+    return code
+
+
+def sample_db(settings: Settings, *, memories: int, entities: int, dimensions: int, seed: int) -> int:
+    from backfill import sample
+
+    target = db.resolve(settings.database_url, settings.auth_token)
+    if target.path is not None and target.path.exists():
+        raise ConfigError(f"{target.path} already exists: pick a new file name")
+    engine = db.engine_for(target, must_exist=False)
+    sample.build(engine, sample.SampleSpec(memories=memories, entities=entities, dimensions=dimensions, seed=seed))
+    report.say(f"built {target.display}: {memories} memories, {entities} entities (mcp-memory-ts schema, not yet migrated)")
+    report.event("sample_db", path=str(target.path), memories=memories, entities=entities)
+    return 0

@@ -90,3 +90,91 @@ def stats_block(stats_dict: dict) -> str:
     if stats_dict.get("recommendation"):
         lines.append(f"Recommendation: {stats_dict['recommendation']}")
     return "\n".join(lines)
+
+
+class Progress:
+    """Per-batch progress: a rich bar on a terminal, one JSON object per batch on a pipe."""
+
+    def __init__(self, job_id: int, total: int, label: str = "embedding") -> None:
+        self.job_id = job_id
+        self.total = max(total, 0)
+        self.done = 0
+        self.tokens = 0
+        self.started = None
+        self._bar = None
+        self._task = None
+        self.label = label
+
+    def __enter__(self) -> "Progress":
+        import time
+
+        self.started = time.monotonic()
+        event("job_started", job=self.job_id, rows_to_do=self.total)
+        if not is_json():
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeRemainingColumn
+
+            self._bar = Bar(
+                TextColumn("[bold]job {task.fields[job]}[/] {task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[rate]:.1f} rows/s"),
+                TextColumn("{task.fields[tokens]:,} tokens"),
+                TextColumn("ETA"),
+                TimeRemainingColumn(),
+                transient=False,
+            )
+            self._bar.start()
+            self._task = self._bar.add_task(self.label, total=self.total or None, job=self.job_id, rate=0.0, tokens=0)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+    def batch(self, runner: Any, target: str, rows: list, result: Any, cursor: int | None) -> None:
+        import time
+
+        elapsed = max(time.monotonic() - (self.started or time.monotonic()), 1e-6)
+        self.done += len(rows)
+        self.tokens += result.tokens
+        rate = self.done / elapsed
+        remaining = max(self.total - self.done, 0)
+        eta = remaining / rate if rate > 0 else None
+        o = runner.outcome
+        event(
+            "batch_committed", job=self.job_id, target=target, batch=o.batches, rows=len(rows),
+            embedded=len(result.vectors), failed=len(result.failures), skipped=len(result.skipped),
+            tokens=result.tokens, elapsed_ms=round(elapsed * 1000), rate=round(rate, 2),
+            eta_s=None if eta is None else round(eta, 1), cursor=cursor,
+            totals={"selected": o.selected, "embedded": o.embedded, "failed": o.failed, "skipped": o.skipped},
+        )
+        if self._bar is not None:
+            if self.total and self.done > self.total:
+                self._bar.update(self._task, total=self.done)
+            self._bar.update(self._task, completed=self.done, rate=rate, tokens=self.tokens, description=target)
+
+
+def final_block(outcome: Any, coverage: float | None, total_rows: int | None) -> str:
+    """The seed's closing statistics, kept because users know it."""
+    line = "=" * 60
+    done = outcome.status == "done"
+    head = "Backfill complete!" if done and not outcome.failed else (
+        "Backfill finished with failures" if done else f"Backfill stopped: {outcome.stop_reason}")
+    rows = [line, head, "", "Final Statistics:",
+            f"   Total rows processed: {outcome.selected}",
+            f"   Successfully generated: {outcome.embedded}",
+            f"   Failed: {outcome.failed}",
+            f"   Skipped (nothing to embed): {outcome.skipped}"]
+    if coverage is not None:
+        rows.append(f"   Coverage: {coverage:.0f}% of {total_rows} rows")
+    rows += [f"   Batches processed: {outcome.batches}", f"   Tokens: {outcome.tokens:,}  Cost: ${outcome.cost_usd:.4f}"]
+    if outcome.failed_ids:
+        rows += ["", f"Failed IDs ({len(outcome.failed_ids)}):"]
+        rows += [f"   - {t}:{i}" for t, i in outcome.failed_ids[:10]]
+        if len(outcome.failed_ids) > 10:
+            rows.append(f"   ... and {len(outcome.failed_ids) - 10} more")
+        rows.append("Re-run only these with: backfill retry-failed")
+    if outcome.status == "interrupted":
+        rows.append(f"Resume with: backfill resume {outcome.job_id}")
+    rows.append(line)
+    return "\n".join(rows)

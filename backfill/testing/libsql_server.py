@@ -35,8 +35,32 @@ Streams: every baton belongs to one stream, and every stream owns one
 ``BEGIN``/``COMMIT``/``ROLLBACK`` statements are what governs transactions; 5 s
 busy timeout).  Requests on a stream are serialized.  A stream ends with a
 ``close`` request, or when it has been idle longer than ``idle_timeout``
-(checked lazily on every request); ending a stream rolls back whatever
-transaction it left open.  Batons are rotated on every response, as sqld does.
+(checked on every request and by a background reaper); ending a stream rolls
+back whatever transaction it left open.  Batons are rotated on every response,
+as sqld does (sqld itself expires idle HTTP streams much sooner, after ~10 s).
+
+What libsql_experimental 0.0.55 actually sends (observed):
+
+* ``POST /v3/pipeline`` with ``Authorization: Bearer <token>``; no version probe.
+* Before every statement a ``describe``; its ``cols`` decide the path: with
+  columns the statement runs through ``POST /v3/cursor`` (newline-delimited
+  JSON: a ``{"baton", "base_url"}`` line, then ``step_begin``/``row``/
+  ``step_end``/``step_error`` entries), without columns through a pipeline
+  ``batch`` (+ ``get_autocommit``, + ``close`` when back in autocommit).  So
+  ``describe`` must report result columns accurately, PRAGMAs included.
+* Transactions are the driver's (sqlite3-style legacy control): ``BEGIN``
+  before the first DML, ``COMMIT``/``ROLLBACK`` from ``commit()``/
+  ``rollback()``, each a one-step batch.  ``executescript`` is one batch whose
+  steps are chained with ``{"type": "ok", "step": i-1}`` conditions.
+* The driver re-formats SQL before executing it (``count(*)`` -> ``count (*)``,
+  a trailing ``;``), while ``describe`` gets the original text.
+* ``Connection.close()`` sends ``close`` (unless a Cursor object is still alive).
+* Errors all surface as plain ``ValueError`` ("Hrana: `stream error: ...`",
+  "Hrana: `api error: `status=401 ...`", "Hrana: `http error: `connection
+  closed before message completed``").
+
+Not sent by that client but implemented (and tested with raw HTTP):
+``execute``, ``sequence``, ``store_sql``/``close_sql``, ``POST /v2/pipeline``.
 """
 
 from __future__ import annotations
@@ -57,7 +81,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
 import urllib.request
 import warnings
 from http import HTTPStatus
@@ -168,17 +191,19 @@ def encode_value(value: Any) -> dict[str, Any]:
 
 
 def split_sql(sql: str) -> list[str]:
-    """Split a script into complete statements (trigger bodies stay whole)."""
+    """Split a script into complete statements (trigger bodies and strings stay whole)."""
     statements: list[str] = []
+    pieces = sql.split(";")
     current = ""
-    for piece in sql.split(";"):
-        current += piece + ";"
-        if sqlite3.complete_statement(current):
-            if current.strip().strip(";").strip():
-                statements.append(current)
-            current = ""
-    if current.strip().strip(";").strip():
-        statements.append(current[:-1])  # drop the ';' appended to the last piece
+    for index, piece in enumerate(pieces):
+        current += piece
+        if index < len(pieces) - 1:
+            current += ";"
+            if not sqlite3.complete_statement(current):
+                continue
+        if current.strip().strip(";").strip():
+            statements.append(current)
+        current = ""
     return statements
 
 
@@ -368,14 +393,15 @@ class _Stream:
             except sqlite3.Error as exc:
                 raise _sqlite_error(exc) from None
 
-    def _explain(self, sql: str) -> tuple[list[Any], int]:
+    def _explain(self, sql: str, prefix: str = "EXPLAIN ") -> tuple[list[Any], int]:
         """EXPLAIN ``sql`` with NULLs bound to every parameter; return (program, n_params)."""
         params: list[None] = []
         for _ in range(2):
             try:
+                # (Python >= 3.12 warns about binding named parameters by position.)
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", DeprecationWarning)
-                    return self.conn.execute("EXPLAIN " + sql, params).fetchall(), len(params)
+                    return self.conn.execute(prefix + sql, params).fetchall(), len(params)
             except sqlite3.ProgrammingError as exc:
                 match = re.search(r"statement uses (\d+)", str(exc))
                 if not match or params:
@@ -416,8 +442,11 @@ class _Stream:
         pragma_assign = head == "PRAGMA" and "=" in sql
         self.conn.set_authorizer(authorizer)
         try:
-            # EXPLAIN prepares the statement (running the authorizer) without executing it.
-            program, count = self._explain(sql)
+            # EXPLAIN prepares the statement (running the authorizer) without executing it;
+            # an EXPLAIN statement itself (not explainable again) does not execute either.
+            program, count = self._explain(sql, "" if head == "EXPLAIN" else "EXPLAIN ")
+            if head == "EXPLAIN":
+                program = []
         except sqlite3.Error as exc:
             if head != "PRAGMA" or pragma_assign:
                 raise _sqlite_error(exc) from None
@@ -451,7 +480,8 @@ class _Stream:
                     self.conn.execute("ROLLBACK TO hrana_describe")
                     self.conn.execute("RELEASE hrana_describe")
         except sqlite3.Error:
-            cols = [{"name": None, "decltype": None} for _ in range(result_width)]
+            # (the client insists on string names)
+            cols = [{"name": f"column{i + 1}", "decltype": None} for i in range(result_width)]
         return {
             "params": [{"name": names.get(i)} for i in range(1, count + 1)],
             "cols": cols,
@@ -505,7 +535,8 @@ class _Backend:
         self.lock = threading.Lock()
         self.streams: dict[str, _Stream] = {}  # baton -> stream
         self.requests = 0
-        self.drop_plan: collections.deque[bool] = collections.deque()  # True: after processing
+        # pending drops, oldest first: (after_processing, request kind or None for any)
+        self.drop_plan: collections.deque[tuple[bool, str | None]] = collections.deque()
         self.dropped = 0
         self.unauthorized = 0
         self.streams_opened = 0
@@ -532,22 +563,26 @@ class _Backend:
             return False
         return hmac.compare_digest(value.strip().encode(), self.auth_token.encode())
 
-    def count_request(self) -> str | None:
+    def count_request(self, kinds: set[str]) -> str | None:
         """Count a Hrana request; say whether (and when) to drop its connection.
 
+        ``kinds`` are the request types in it ("cursor" for the cursor endpoint).
         Returns None, "before" (drop without processing) or "after" (process,
         then drop instead of answering).
         """
         with self.lock:
             self.requests += 1
             if self.drop_plan:
-                self.dropped += 1
-                return "after" if self.drop_plan.popleft() else "before"
+                after, kind = self.drop_plan[0]
+                if kind is None or kind in kinds:
+                    self.drop_plan.popleft()
+                    self.dropped += 1
+                    return "after" if after else "before"
             return None
 
-    def drop_next(self, n: int, after_processing: bool = False) -> None:
+    def drop_next(self, n: int, after_processing: bool = False, kind: str | None = None) -> None:
         with self.lock:
-            self.drop_plan.extend([bool(after_processing)] * max(0, int(n)))
+            self.drop_plan.extend([(bool(after_processing), kind)] * max(0, int(n)))
 
     def stats(self) -> dict[str, int]:
         with self.lock:
@@ -666,14 +701,23 @@ class _Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         return self.rfile.read(length) if length > 0 else b""
 
+    def setup(self) -> None:
+        super().setup()
+        try:  # small request/response pairs: don't let Nagle + delayed ACK add 40 ms each
+            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+
     def _send(self, status: int, payload: Any, content_type: str = "application/json") -> None:
         data = payload if isinstance(payload, bytes) else json.dumps(payload).encode("utf-8")
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
+        # headers and body in one write
+        self._headers_buffer.append(b"\r\n")
         if self.command != "HEAD":
-            self.wfile.write(data)
+            self._headers_buffer.append(data)
+        self.flush_headers()
 
     def _send_error(self, status: int, message: str) -> None:
         self._send(status, {"error": message, "message": message})
@@ -708,7 +752,21 @@ class _Handler(BaseHTTPRequestHandler):
         if path not in _PIPELINE_PATHS and path not in _CURSOR_PATHS:
             self._send_error(HTTPStatus.NOT_FOUND, f"not found: {path}")
             return
-        drop = backend.count_request()
+        request: Any = None
+        bad_json: str | None = None
+        if path != "/v3-protobuf/pipeline":
+            try:
+                request = json.loads(body or b"{}")
+                if not isinstance(request, dict):
+                    raise ValueError("request body must be a JSON object")
+            except ValueError as exc:
+                bad_json = str(exc)
+        kinds = {"cursor"} if path in _CURSOR_PATHS else set()
+        if isinstance(request, dict):
+            for item in request.get("requests") or []:
+                if isinstance(item, dict):
+                    kinds.add(str(item.get("type")))
+        drop = backend.count_request(kinds)
         backend.log("POST", path, body[:4000].decode("utf-8", "replace"))
         if drop == "before":
             backend.log("dropping connection without processing the request")
@@ -722,12 +780,8 @@ class _Handler(BaseHTTPRequestHandler):
         if path == "/v3-protobuf/pipeline":
             self._send_error(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "protobuf encoding is not supported")
             return
-        try:
-            request = json.loads(body or b"{}")
-            if not isinstance(request, dict):
-                raise ValueError("request body must be a JSON object")
-        except ValueError as exc:
-            self._send_error(HTTPStatus.BAD_REQUEST, f"invalid JSON body: {exc}")
+        if bad_json is not None:
+            self._send_error(HTTPStatus.BAD_REQUEST, f"invalid JSON body: {bad_json}")
             return
         try:
             if path in _CURSOR_PATHS:
@@ -766,7 +820,8 @@ class _Handler(BaseHTTPRequestHandler):
             except (ValueError, AttributeError):
                 self._send_error(HTTPStatus.BAD_REQUEST, "body must be {\"n\": int}")
                 return
-            backend.drop_next(n, bool(json.loads(body or b"{}").get("after_processing")))
+            payload = json.loads(body or b"{}")
+            backend.drop_next(n, bool(payload.get("after_processing")), payload.get("kind"))
             self._send(HTTPStatus.OK, backend.stats())
         else:
             self._send_error(HTTPStatus.NOT_FOUND, f"not found: {path}")
@@ -847,7 +902,10 @@ class LibsqlServer:
             )
             self.port = self._server.server_address[1]
             self._thread = threading.Thread(
-                target=self._server.serve_forever, name=f"libsql-server-{self.port}", daemon=True
+                target=self._server.serve_forever,
+                kwargs={"poll_interval": 0.05},
+                name=f"libsql-server-{self.port}",
+                daemon=True,
             )
             self._thread.start()
             return self
@@ -941,7 +999,9 @@ class LibsqlServer:
             backend = self._server.backend
             if name == "drop_next":
                 payload = payload or {}
-                backend.drop_next(int(payload.get("n", 1)), bool(payload.get("after_processing")))
+                backend.drop_next(
+                    int(payload.get("n", 1)), bool(payload.get("after_processing")), payload.get("kind")
+                )
             return backend.stats()
         data = None if payload is None else json.dumps(payload).encode()
         req = urllib.request.Request(
@@ -954,7 +1014,7 @@ class LibsqlServer:
         with opener.open(req, timeout=10) as resp:
             return json.loads(resp.read())
 
-    def drop_next(self, n: int = 1, *, after_processing: bool = False) -> None:
+    def drop_next(self, n: int = 1, *, after_processing: bool = False, kind: str | None = None) -> None:
         """Close the TCP connection of the next ``n`` Hrana requests without answering.
 
         By default the requests are not processed at all (the client may
@@ -962,8 +1022,17 @@ class LibsqlServer:
         are executed first and only the response is lost, like a connection
         that breaks on the way back (the stream's baton has moved on, so
         the client's next request on that stream fails).
+
+        ``kind`` restricts the drop to requests containing that Hrana request
+        type ("batch", "describe", "execute", "sequence", "get_autocommit",
+        "close", ...) or "cursor" for the cursor endpoint; others pass.
+        libsql_experimental sends a "describe" before running every statement,
+        then a "batch" (statements without result columns) or a "cursor"
+        request (queries), so ``kind="batch"`` targets the write itself.
         """
-        self._control("drop_next", {"n": int(n), "after_processing": bool(after_processing)})
+        self._control(
+            "drop_next", {"n": int(n), "after_processing": bool(after_processing), "kind": kind}
+        )
 
     def stats(self) -> dict[str, int]:
         """Counters: requests, drop_pending, dropped, unauthorized, streams_open,
@@ -1018,12 +1087,13 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, on_signal)
     if args.parent_pid:
         threading.Thread(target=_watch_parent, args=(args.parent_pid, stop), daemon=True).start()
-    thread = threading.Thread(target=server.serve_forever, name="libsql-server", daemon=True)
+    thread = threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": 0.05}, name="libsql-server", daemon=True
+    )
     thread.start()
     print(json.dumps({"url": f"libsql://{HOST}:{server.server_address[1]}?tls=0"}), flush=True)
     try:
-        while not stop.wait(0.5):
-            pass
+        stop.wait()  # signal handlers run in the main thread and interrupt this wait
     finally:
         server.shutdown()
         server.server_close()

@@ -1,0 +1,82 @@
+"""The provider interface: embed(texts) -> vectors + usage. Every vector is checked here."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+# USD per 1M input tokens (override with --price-per-mtok)
+PRICES = {
+    "text-embedding-3-small": 0.02,
+    "text-embedding-3-large": 0.13,
+    "text-embedding-ada-002": 0.10,
+}
+DEFAULT_DIMENSIONS = {
+    "text-embedding-3-small": 1536,
+    "text-embedding-3-large": 3072,
+    "text-embedding-ada-002": 1536,
+}
+
+
+@dataclass
+class Embedded:
+    vectors: list[list[float]]
+    tokens: int
+    requests: int = 1
+
+
+class ProviderError(Exception):
+    """A request failed. `retryable` errors are retried; the rest fail their rows."""
+
+    def __init__(self, message: str, *, retryable: bool, status: int | None = None,
+                 retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+        self.status = status
+        self.retry_after = retry_after
+
+
+class BadInput(ProviderError):
+    """HTTP 400 for the request: one of its inputs is bad. The runner splits the request."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message, retryable=False, status=status)
+
+
+class FatalProviderError(ProviderError):
+    """Nothing can succeed (bad key, unknown model): the job stops instead of failing every row."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message, retryable=False, status=status)
+
+
+class Provider(Protocol):
+    name: str
+    model: str
+    dimensions: int
+    max_input_tokens: int | None
+    price_per_mtok: float
+
+    def fit(self, text: str) -> tuple[str, int, bool]:
+        """(text cut to the model's input limit by its own tokens, tokens, truncated?)"""
+        ...
+
+    def embed(self, texts: Sequence[str]) -> Embedded: ...
+
+
+def check_vectors(vectors: Sequence[Sequence[float]], expected: int, dimensions: int) -> list[list[float]]:
+    """Count, dimensions and finiteness, before anything is written."""
+    if len(vectors) != expected:
+        raise ProviderError(f"malformed response: {len(vectors)} vectors for {expected} inputs", retryable=True)
+    out = []
+    for i, vec in enumerate(vectors):
+        if len(vec) != dimensions:
+            raise ProviderError(
+                f"malformed response: vector {i} has {len(vec)} dimensions, expected {dimensions}", retryable=True
+            )
+        values = [float(v) for v in vec]
+        if not all(math.isfinite(v) for v in values):
+            raise ProviderError(f"malformed response: vector {i} has NaN or infinite values", retryable=True)
+        out.append(values)
+    return out

@@ -1,0 +1,411 @@
+"""The loop: select a page by key, pack requests by tokens, embed concurrently, write back.
+
+Named parts (after Shopify's job-iteration): `_pages` enumerates (rows, cursor) by keyset, never
+OFFSET; `_embed_page` processes one page; `_commit` records progress. A page's embeddings, their
+provenance, its failure rows, the job's counters and its cursor commit in ONE transaction, so a
+process killed at any instant repeats at most the page that was in flight.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from backfill import jobs, targets
+from backfill.errors import ConfigError
+from backfill.providers.base import BadInput, FatalProviderError, Provider, ProviderError
+from backfill.schema import backfill_embeddings
+
+MAX_REQUEST_INPUTS = 2048
+MAX_REQUEST_TOKENS = 300_000
+
+
+@dataclass
+class RunOptions:
+    target: str = "all"
+    user_id: str | None = None
+    batch_size: int = 100  # inputs per request (seed: -b)
+    concurrency: int = 4  # requests in flight
+    delay_ms: int = 0  # extra pause between requests (seed: -d)
+    limit: int | None = None  # rows to select in this invocation
+    max_runtime_s: float | None = None
+    recipe: str = targets.DEFAULT_RECIPE
+    reembed_all: bool = False
+
+    @property
+    def page_size(self) -> int:
+        return max(1, self.batch_size * self.concurrency)
+
+
+@dataclass
+class Item:
+    target: str
+    row_id: int
+    text: str
+    tokens: int
+    truncated: bool = False
+
+
+@dataclass
+class PageResult:
+    vectors: dict[int, list[float]] = field(default_factory=dict)
+    failures: dict[int, str] = field(default_factory=dict)
+    skipped: dict[int, str] = field(default_factory=dict)
+    texts: dict[int, str] = field(default_factory=dict)
+    tokens: int = 0
+    requests: int = 0
+
+
+@dataclass
+class Outcome:
+    job_id: int
+    status: str
+    stop_reason: str | None
+    selected: int = 0
+    embedded: int = 0
+    failed: int = 0
+    skipped: int = 0
+    batches: int = 0
+    tokens: int = 0
+    cost_usd: float = 0.0
+    elapsed_s: float = 0.0
+    failed_ids: list[tuple[str, int]] = field(default_factory=list)
+
+
+class StopFlag:
+    """Set by a signal, `--limit`, `--max-runtime` or `cancel`; checked between pages."""
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+        self.signalled = False
+
+    def set(self, reason: str, *, signalled: bool = False) -> None:
+        if self.reason is None:
+            self.reason = reason
+            self.signalled = signalled
+
+
+class signals_stop:
+    """SIGINT/SIGTERM finish the in-flight page, commit it and stop; a second SIGINT aborts."""
+
+    def __init__(self, flag: StopFlag) -> None:
+        self.flag = flag
+        self._old: dict[int, Any] = {}
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        if self.flag.signalled and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.flag.set(f"interrupted by {signal.Signals(signum).name}", signalled=True)
+
+    def __enter__(self) -> "signals_stop":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def select_columns(spec: targets.Spec) -> list[sa.Column]:
+    return [spec.key, *(spec.table.c[name] for name in spec.text_columns)]
+
+
+def scope(spec: targets.Spec, user_id: str | None) -> list[sa.ColumnElement[bool]]:
+    return [] if user_id is None else [spec.user_id == user_id]
+
+
+def needing(spec: targets.Spec, dialect: str, dimensions: int, options: RunOptions) -> sa.ColumnElement[bool]:
+    if options.reembed_all:
+        return sa.true()
+    return targets.needs_embedding(spec, dialect, dimensions)
+
+
+def count_remaining(conn: Connection, spec: targets.Spec, dimensions: int, options: RunOptions, after: int) -> int:
+    q = sa.select(sa.func.count()).select_from(spec.table).where(
+        spec.key > after, needing(spec, conn.dialect.name, dimensions, options), *scope(spec, options.user_id))
+    return int(conn.execute(q).scalar() or 0)
+
+
+class Runner:
+    def __init__(self, engine: Engine, provider: Provider, job: jobs.Job, worker: str, options: RunOptions,
+                 progress: Any, stop: StopFlag) -> None:
+        self.engine = engine
+        self.provider = provider
+        self.job = job
+        self.worker = worker
+        self.options = options
+        self.progress = progress
+        self.stop = stop
+        self.dialect = engine.dialect.name
+        self.started = time.monotonic()
+        self.outcome = Outcome(job.id, "running", None)
+        self._last_request = 0.0
+        self._request_lock = threading.Lock()
+        self.job_elapsed_committed = 0.0
+
+    # --- enumerate ------------------------------------------------------------------------
+    def _pages(self, spec: targets.Spec, cursor: int) -> Iterator[list[sa.Row]]:
+        while not self.stop.reason:
+            size = self.options.page_size
+            if self.options.limit is not None:
+                size = min(size, self.options.limit - self.outcome.selected)
+                if size <= 0:
+                    self.stop.set("limit reached")
+                    return
+            with self.engine.connect() as conn:
+                rows = conn.execute(
+                    sa.select(*select_columns(spec))
+                    .where(spec.key > cursor, needing(spec, self.dialect, self.job.dimensions, self.options),
+                           *scope(spec, self.options.user_id))
+                    .order_by(spec.key)
+                    .limit(size)
+                ).all()
+            if not rows:
+                return
+            yield rows
+            cursor = int(rows[-1][0])
+
+    def pages_for_retry(self, spec: targets.Spec, row_ids: Sequence[int]) -> Iterator[list[sa.Row]]:
+        ids = list(row_ids)
+        for start in range(0, len(ids), self.options.page_size):
+            if self.stop.reason:
+                return
+            chunk = ids[start:start + self.options.page_size]
+            with self.engine.connect() as conn:
+                rows = conn.execute(
+                    sa.select(*select_columns(spec)).where(spec.key.in_(chunk), *scope(spec, self.options.user_id))
+                    .order_by(spec.key)
+                ).all()
+            if rows:
+                yield rows
+
+    # --- process one page -----------------------------------------------------------------
+    def _items(self, spec: targets.Spec, rows: list[sa.Row], result: PageResult) -> list[Item]:
+        items = []
+        for row in rows:
+            mapping = row._mapping
+            text = targets.recipe_text(spec, mapping, self.options.recipe)
+            row_id = int(mapping["id"])
+            if not text:
+                result.skipped[row_id] = "blank text: nothing to embed"
+                continue
+            text, count, cut = self.provider.fit(text)
+            result.texts[row_id] = text
+            items.append(Item(spec.name, row_id, text, count, cut))
+        return items
+
+    def _requests(self, items: list[Item]) -> list[list[Item]]:
+        """Pack consecutive items: at most -b inputs and 300k tokens per request."""
+        cap = min(self.options.batch_size, MAX_REQUEST_INPUTS)
+        out: list[list[Item]] = []
+        current: list[Item] = []
+        used = 0
+        for item in items:
+            if current and (len(current) >= cap or used + item.tokens > MAX_REQUEST_TOKENS):
+                out.append(current)
+                current, used = [], 0
+            current.append(item)
+            used += item.tokens
+        if current:
+            out.append(current)
+        return out
+
+    def _pace(self) -> None:
+        if not self.options.delay_ms:
+            return
+        with self._request_lock:
+            gap = self.options.delay_ms / 1000.0 - (time.monotonic() - self._last_request)
+            if gap > 0:
+                time.sleep(gap)
+            self._last_request = time.monotonic()
+
+    def _embed(self, items: list[Item]) -> tuple[list[tuple[Item, list[float] | None, str | None]], int, int]:
+        """Embed one request; a 400 is split in halves until the bad input stands alone."""
+        self._pace()
+        try:
+            got = self.provider.embed([i.text for i in items], sum(i.tokens for i in items)) \
+                if _accepts_tokens(self.provider) else self.provider.embed([i.text for i in items])
+        except BadInput as exc:
+            if len(items) == 1:
+                return [(items[0], None, str(exc))], 0, 1
+            mid = len(items) // 2
+            left, lt, lr = self._embed(items[:mid])
+            right, rt, rr = self._embed(items[mid:])
+            return left + right, lt + rt, lr + rr + 1
+        except FatalProviderError:
+            raise
+        except ProviderError as exc:
+            return [(i, None, str(exc)) for i in items], 0, 1
+        return [(i, v, None) for i, v in zip(items, got.vectors)], got.tokens, got.requests
+
+    def _embed_page(self, pool: ThreadPoolExecutor, spec: targets.Spec, rows: list[sa.Row]) -> PageResult:
+        result = PageResult()
+        futures: list[Future] = [pool.submit(self._embed, req) for req in self._requests(self._items(spec, rows, result))]
+        pending = set(futures)
+        while pending:
+            done, pending = wait(pending, timeout=15, return_when=FIRST_COMPLETED)
+            if pending and not done:
+                self._heartbeat()
+        for fut in futures:
+            outcomes, used, requests = fut.result()
+            result.tokens += used
+            result.requests += requests
+            for item, vector, error in outcomes:
+                if vector is not None:
+                    result.vectors[item.row_id] = vector
+                else:
+                    result.failures[item.row_id] = error or "unknown error"
+        return result
+
+    # --- record progress ------------------------------------------------------------------
+    def _heartbeat(self) -> None:
+        with self.engine.begin() as conn:
+            jobs.advance(conn, self.job.id, self.worker)
+
+    def _commit(self, spec: targets.Spec, rows: list[sa.Row], result: PageResult, cursors: dict[str, int] | None,
+                retry: bool) -> None:
+        elapsed = time.monotonic() - self.started
+        cost = result.tokens * self.provider.price_per_mtok / 1_000_000
+        stamp = jobs.now_iso()
+        with self.engine.begin() as conn:
+            deltas: dict[str, float] = dict(
+                embedded=len(result.vectors), batches=1, requests=result.requests, tokens=result.tokens,
+                cost_usd=cost, elapsed_s=elapsed - self.job_elapsed_committed)
+            if retry:
+                deltas["failed"] = -len(result.vectors)  # recorded failures that now succeeded
+            else:
+                deltas.update(selected=len(rows), failed=len(result.failures), skipped=len(result.skipped))
+            jobs.advance(conn, self.job.id, self.worker, cursors=cursors, **deltas)
+            if result.vectors:
+                cond = [spec.key == sa.bindparam("k")]
+                if self.options.user_id is not None:
+                    cond.append(spec.user_id == self.options.user_id)
+                conn.execute(
+                    spec.table.update().where(*cond).values(embedding=sa.bindparam("e")),
+                    [{"k": rid, "e": json.dumps(vec, separators=(",", ":"))} for rid, vec in result.vectors.items()],
+                )
+                self._provenance(conn, spec, result, stamp)
+            jobs.upsert_failures(conn, self.job.id, [
+                *({"target": spec.name, "row_id": rid, "kind": "failed", "error": err[:1000]}
+                  for rid, err in result.failures.items()),
+                *({"target": spec.name, "row_id": rid, "kind": "skipped", "error": why}
+                  for rid, why in result.skipped.items()),
+            ])
+            if retry:
+                jobs.resolve_failures(conn, self.job.id, spec.name, list(result.vectors))
+        self.job_elapsed_committed = elapsed
+
+    def _provenance(self, conn: Connection, spec: targets.Spec, result: PageResult, stamp: str) -> None:
+        if self.dialect == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert
+        else:
+            from sqlalchemy.dialects.sqlite import insert
+        stmt = insert(backfill_embeddings)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[backfill_embeddings.c.target, backfill_embeddings.c.row_id],
+            set_={c: stmt.excluded[c] for c in ("provider", "model", "dimensions", "recipe_version", "content_hash",
+                                                "job_id", "embedded_at")},
+        )
+        conn.execute(stmt, [
+            {"target": spec.name, "row_id": rid, "provider": self.provider.name, "model": self.provider.model,
+             "dimensions": self.provider.dimensions, "recipe_version": self.options.recipe,
+             "content_hash": targets.content_hash(result.texts[rid]), "job_id": self.job.id, "embedded_at": stamp}
+            for rid in result.vectors
+        ])
+
+    def _account(self, spec: targets.Spec, rows: list[sa.Row], result: PageResult, cursor: int | None) -> None:
+        o = self.outcome
+        if cursor is not None:
+            o.selected += len(rows)
+            o.skipped += len(result.skipped)
+            o.failed += len(result.failures)
+        else:
+            o.failed -= len(result.vectors)
+        o.embedded += len(result.vectors)
+        o.batches += 1
+        o.tokens += result.tokens
+        o.cost_usd += result.tokens * self.provider.price_per_mtok / 1_000_000
+        o.failed_ids.extend((spec.name, rid) for rid in result.failures)
+        self.progress.batch(self, spec.name, rows, result, cursor)
+
+    def _check_stop(self) -> None:
+        if self.options.max_runtime_s is not None and time.monotonic() - self.started >= self.options.max_runtime_s:
+            self.stop.set("max runtime reached")
+        with self.engine.connect() as conn:
+            if jobs.is_cancelled(conn, self.job.id):
+                self.stop.set("cancelled")
+
+    # --- entry points ---------------------------------------------------------------------
+    def run(self) -> Outcome:
+        cursors = dict(self.job.cursors)
+        with ThreadPoolExecutor(max_workers=self.options.concurrency, thread_name_prefix="embed") as pool:
+            for spec in targets.specs_for(self.job.target):
+                for rows in self._pages(spec, cursors.get(spec.name, 0)):
+                    result = self._embed_page(pool, spec, rows)
+                    cursors[spec.name] = int(rows[-1][0])
+                    self._commit(spec, rows, result, cursors, retry=False)
+                    self._account(spec, rows, result, cursors[spec.name])
+                    self._check_stop()
+                if self.stop.reason:
+                    break
+        return self.outcome
+
+    def retry(self) -> Outcome:
+        with self.engine.connect() as conn:
+            open_rows = jobs.open_failures(conn, self.job.id, "failed")
+        self.outcome.failed = len(open_rows)
+        with ThreadPoolExecutor(max_workers=self.options.concurrency, thread_name_prefix="embed") as pool:
+            for spec in targets.specs_for(self.job.target):
+                ids = [r["row_id"] for r in open_rows if r["target"] == spec.name]
+                for rows in self.pages_for_retry(spec, ids):
+                    result = self._embed_page(pool, spec, rows)
+                    self._commit(spec, rows, result, None, retry=True)
+                    self._account(spec, rows, result, None)
+                    self._check_stop()
+                if self.stop.reason:
+                    break
+        return self.outcome
+
+
+def _accepts_tokens(provider: Provider) -> bool:
+    return provider.name == "openai"
+
+
+def ensure_compatible(conn: Connection, spec: targets.Spec, provider: Provider, user_id: str | None) -> None:
+    """Refuse to mix models or dimensions in one column (promise 6)."""
+    dialect = conn.dialect.name
+    prov = conn.execute(
+        sa.select(backfill_embeddings.c.model, backfill_embeddings.c.dimensions, sa.func.count())
+        .where(backfill_embeddings.c.target == spec.name)
+        .group_by(backfill_embeddings.c.model, backfill_embeddings.c.dimensions)
+    ).all()
+    for model, dims, n in prov:
+        if model != provider.model or dims != provider.dimensions:
+            raise ConfigError(
+                f"{spec.name}.embedding already holds {n} vectors from {model} ({dims} dimensions); this job would "
+                f"write {provider.model} ({provider.dimensions}). Use the same --model/--dimensions, or re-embed "
+                "every row on purpose with --reembed-all"
+            )
+    length = targets.vector_length(spec.embedding, dialect)
+    row = conn.execute(
+        sa.select(length.label("n"), sa.func.count().label("c")).select_from(spec.table)
+        .where(sa.not_(targets.missing(spec.embedding)), targets.valid_vector(spec.embedding, dialect),
+               *scope(spec, user_id))
+        .group_by(length).order_by(sa.func.count().desc()).limit(1)
+    ).first()
+    if row is not None and row.n != provider.dimensions:
+        raise ConfigError(
+            f"{spec.name}.embedding holds {row.c} vectors of {row.n} dimensions; {provider.model} would write "
+            f"{provider.dimensions}. Pick --model/--dimensions to match, or re-embed every row on purpose "
+            "with --reembed-all"
+        )

@@ -1,0 +1,81 @@
+"""Shared pieces of the engine tests: a sample database, the fake server, the expected vectors."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import sqlalchemy as sa
+
+from backfill import sample, targets
+from backfill.providers.openai import OpenAIProvider
+from backfill.testing.fake_openai import fake_vector
+from backfill.tokens import truncate
+
+DIMS = 16
+MODEL = "text-embedding-3-small"
+OTHER_COLUMNS = {
+    "memories": ["id", "user_id", "title", "content", "memory_type", "importance", "tags", "entity_ids", "metadata",
+                 "is_archived", "created_at", "updated_at"],
+    "entities": ["id", "user_id", "name", "entity_type", "description", "company", "title", "notes", "tags",
+                 "metadata", "created_at", "updated_at"],
+}
+
+
+def build(engine: sa.Engine, memories: int, entities: int, seed: int = 7) -> None:
+    sample.build(engine, sample.SampleSpec(memories=memories, entities=entities, dimensions=DIMS, seed=seed))
+
+
+def env_for(server, database_url: str) -> dict[str, str]:
+    return {"OPENAI_API_KEY": "sk-test-not-a-real-key", "OPENAI_BASE_URL": server.base_url, "DATABASE_URL": database_url}
+
+
+RUN_ARGS = ["--model", MODEL, "--dimensions", str(DIMS)]
+
+
+def checksum_other_columns(engine: sa.Engine, table: str, where: str = "") -> str:
+    cols = ", ".join(OTHER_COLUMNS[table])
+    h = hashlib.sha256()
+    with engine.connect() as conn:
+        for row in conn.exec_driver_sql(f"SELECT {cols} FROM {table} {where} ORDER BY id"):
+            h.update(repr(tuple(row)).encode())
+    return h.hexdigest()
+
+
+def embeddings(engine: sa.Engine, table: str, where: str = "") -> dict[int, str | None]:
+    with engine.connect() as conn:
+        return dict(conn.exec_driver_sql(f"SELECT id, embedding FROM {table} {where} ORDER BY id").all())
+
+
+def expected_text(table: str, row: dict) -> str:
+    text = targets.recipe_text(targets.SPECS[table], row)
+    return truncate(text, OpenAIProvider.max_input_tokens)[0]
+
+
+def is_vector(value: str | None, dims: int = DIMS) -> bool:
+    try:
+        parsed = json.loads(value) if value else None
+    except ValueError:
+        return False
+    return isinstance(parsed, list) and len(parsed) == dims and all(isinstance(v, (int, float)) for v in parsed)
+
+
+def needing(engine: sa.Engine) -> set[tuple[str, int]]:
+    """Rows whose embedding is missing or malformed, judged in Python (independent of the tool's SQL)."""
+    return {(t, i) for t in targets.SPECS for i, e in embeddings(engine, t).items() if not is_vector(e)}
+
+
+def assert_vectors_match_recipe(engine: sa.Engine, rows: set[tuple[str, int]]) -> int:
+    """Each of `rows` now holds the fake server's vector for that row's recipe text."""
+    checked = 0
+    with engine.connect() as conn:
+        for table, spec in targets.SPECS.items():
+            cols = ", ".join(["id", "embedding", *spec.text_columns])
+            for row in conn.exec_driver_sql(f"SELECT {cols} FROM {table} ORDER BY id").mappings():
+                if (table, row["id"]) not in rows:
+                    continue
+                text = expected_text(table, row)
+                assert text, f"{table}:{row['id']} has a blank recipe text"
+                assert json.loads(row["embedding"]) == fake_vector(text, DIMS, MODEL), f"{table}:{row['id']}"
+                checked += 1
+    return checked
