@@ -6,7 +6,6 @@ worker · 130 interrupted (resumable) · 70 internal error (a bug; rerun with --
 
 from __future__ import annotations
 
-import sys
 from typing import Annotated, Callable, Optional
 
 import typer
@@ -287,8 +286,4 @@ def sample_db(
 
 
 def main() -> None:
-    try:
-        app()
-    except SystemExit:
-        raise
-    sys.exit(0)
+    app()

@@ -338,14 +338,13 @@ def up(settings: Settings, req: RunRequest) -> int:
     """migrate -> verify -> run (resuming the open job) -> stats; stops at the first failing step."""
     migrate(settings)
     verify(settings)
-    code = 0
     try:
         run(settings, req)
     except RowsFailed as exc:
         stats(settings, user_email=req.user_email)
         raise exc
     stats(settings, user_email=req.user_email)
-    return code
+    return 0
 
 
 def sample_db(settings: Settings, *, memories: int, entities: int, dimensions: int, seed: int) -> int:
