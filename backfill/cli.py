@@ -144,6 +144,10 @@ MaxRpm = Annotated[Optional[float], typer.Option("--max-rpm", help="Requests per
 MaxTpm = Annotated[Optional[float], typer.Option("--max-tpm", help="Tokens per minute [default: learned from headers].")]
 Timeout = Annotated[float, typer.Option("--timeout", help="Seconds per API request.")]
 Wait = Annotated[bool, typer.Option("--wait", help="If another worker holds the job, wait for it instead of exiting 4.")]
+MaxCost = Annotated[Optional[float], typer.Option(
+    "--max-cost", help="Refuse (exit 2, before any request) when the plan costs more than this many US dollars.")]
+PricePerMtok = Annotated[Optional[float], typer.Option(
+    "--price-per-mtok", help="USD per 1M tokens, overriding the model's price table (e.g. a negotiated rate).")]
 JobArg = Annotated[Optional[int], typer.Argument(help="Job id [default: the latest matching job].", show_default=False)]
 
 
@@ -164,6 +168,7 @@ def run(
     delay_ms: DelayMs = 0, concurrency: Concurrency = 4, limit: Limit = None, max_runtime: MaxRuntime = None,
     recipe: Recipe = "mcp-memory-ts/1", reembed_all: ReembedAll = False, max_rpm: MaxRpm = None,
     max_tpm: MaxTpm = None, timeout: Timeout = 60.0, wait: Wait = False, log_format: LogFormat = "auto",
+    max_cost: MaxCost = None, price_per_mtok: PricePerMtok = None,
 ) -> None:
     """Embed every row that needs it: start a job, or resume the open one with the same parameters.
 
@@ -173,6 +178,7 @@ def run(
 
     req = _request(provider, model, dimensions, target, user_email, batch_size, delay_ms, concurrency, limit,
                    max_runtime, recipe, reembed_all, max_rpm, max_tpm, timeout, wait)
+    req.max_cost, req.price_per_mtok = max_cost, price_per_mtok
     _execute(log_format, lambda: load_settings(database_url, openai_base_url=base_url), lambda s: commands.run(s, req))
 
 
@@ -183,6 +189,7 @@ def up(
     delay_ms: DelayMs = 0, concurrency: Concurrency = 4, limit: Limit = None, max_runtime: MaxRuntime = None,
     recipe: Recipe = "mcp-memory-ts/1", reembed_all: ReembedAll = False, max_rpm: MaxRpm = None,
     max_tpm: MaxTpm = None, timeout: Timeout = 60.0, wait: Wait = False, log_format: LogFormat = "auto",
+    max_cost: MaxCost = None, price_per_mtok: PricePerMtok = None,
 ) -> None:
     """The whole chain: migrate -> verify -> run (resuming the open job) -> stats. Safe after every deploy.
 
@@ -192,7 +199,30 @@ def up(
 
     req = _request(provider, model, dimensions, target, user_email, batch_size, delay_ms, concurrency, limit,
                    max_runtime, recipe, reembed_all, max_rpm, max_tpm, timeout, wait)
+    req.max_cost, req.price_per_mtok = max_cost, price_per_mtok
     _execute(log_format, lambda: load_settings(database_url, openai_base_url=base_url), lambda s: commands.up(s, req))
+
+
+@app.command()
+def plan(
+    database_url: DatabaseUrl = None, provider: Provider = "openai", model: Model = None, dimensions: Dimensions = None,
+    target: Target = "all", user_email: UserEmail = None, batch_size: BatchSize = 100, concurrency: Concurrency = 4,
+    limit: Limit = None, recipe: Recipe = "mcp-memory-ts/1", reembed_all: ReembedAll = False, max_rpm: MaxRpm = None,
+    max_tpm: MaxTpm = None, price_per_mtok: PricePerMtok = None, max_cost: MaxCost = None, as_json: JsonFlag = False,
+    log_format: LogFormat = "auto",
+) -> None:
+    """Dry run, nothing sent: rows to embed, exact tokens (the model's tokenizer, on the text `run` would
+    send), requests, cost (price table or --price-per-mtok) and ETA at --max-rpm/--max-tpm (default:
+    OpenAI tier-1 limits). Takes the same options as `run`; no API key needed.
+
+    Example: backfill plan -u alice@example.com --max-tpm 5000000 --json
+    """
+    from backfill import commands
+
+    req = _request(provider, model, dimensions, target, user_email, batch_size, 0, concurrency, limit, None,
+                   recipe, reembed_all, max_rpm, max_tpm, 60.0, False)
+    req.max_cost, req.price_per_mtok = max_cost, price_per_mtok
+    _execute("json" if as_json else log_format, lambda: load_settings(database_url), lambda s: commands.plan(s, req))
 
 
 @app.command()

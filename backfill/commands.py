@@ -87,6 +87,8 @@ class RunRequest:
     wait: bool = False
     wait_timeout_s: float = 600.0
     extra: dict = _field(default_factory=dict)
+    max_cost: float | None = None  # USD; refuse a run whose plan costs more
+    price_per_mtok: float | None = None  # USD per 1M tokens, over the model's price table
 
 
 def _require_tables(engine: Engine) -> None:
@@ -118,7 +120,7 @@ def _options(req: RunRequest, user_id: str | None) -> _runner.RunOptions:
 def _build_provider(settings: Settings, req: RunRequest):  # noqa: ANN202
     return _providers.build(
         req.provider, settings, model=req.model, dimensions=req.dimensions,
-        limiter=Limiter(req.max_rpm, req.max_tpm), timeout=req.timeout_s,
+        limiter=Limiter(req.max_rpm, req.max_tpm), timeout=req.timeout_s, price_per_mtok=req.price_per_mtok,
     )
 
 
@@ -195,6 +197,8 @@ def run(settings: Settings, req: RunRequest) -> int:
     provider = _build_provider(settings, req)
     options = _options(req, user_id)
     key = _jobs.JobKey("run", req.target, user_id, provider.name, provider.model, provider.dimensions, req.recipe)
+    if req.max_cost is not None:
+        _refuse_over_budget(engine, req, provider, options, key)
     with engine.begin() as conn:
         job = _jobs.find_open(conn, key)
         if job is None:
@@ -357,4 +361,81 @@ def sample_db(settings: Settings, *, memories: int, entities: int, dimensions: i
     sample.build(engine, sample.SampleSpec(memories=memories, entities=entities, dimensions=dimensions, seed=seed))
     report.say(f"built {target.display}: {memories} memories, {entities} entities (mcp-memory-ts schema, not yet migrated)")
     report.event("sample_db", path=str(target.path), memories=memories, entities=entities)
+    return 0
+
+
+# --- plan and --max-cost --------------------------------------------------------------------
+
+from backfill import plan as _plan
+
+
+def _new_plan(req: RunRequest, provider_name: str, model: str, dimensions: int) -> _plan.Plan:
+    price, source = _plan.price_for(model, req.price_per_mtok)
+    if provider_name == "local" and req.price_per_mtok is None:
+        price, source = 0.0, "local"
+    rpm, tpm, limits = _plan.limits_for(provider_name, req.max_rpm, req.max_tpm)
+    return _plan.Plan(provider=provider_name, model=model, dimensions=dimensions, recipe=req.recipe,
+                      price_per_mtok=price, price_source=source, rpm=rpm, tpm=tpm, limits_source=limits)
+
+
+def _open_cursors(engine: Engine, key: _jobs.JobKey) -> dict[str, int]:
+    """Where a run would start: the open job's cursors, or the beginning."""
+    if not _sa.inspect(engine).has_table("backfill_jobs"):
+        return {}
+    with engine.connect() as conn:
+        job = _jobs.find_open(conn, key)
+    return job.cursors if job else {}
+
+
+def _refuse_over_budget(engine: Engine, req: RunRequest, provider, options: _runner.RunOptions,  # noqa: ANN001
+                        key: _jobs.JobKey) -> None:
+    if req.max_cost < 0:
+        raise ConfigError("--max-cost must be >= 0 (US dollars)")
+    p = _new_plan(req, provider.name, provider.model, provider.dimensions)
+    p.price_per_mtok = provider.price_per_mtok
+    _plan.compute(engine, p, options, provider.fit, _open_cursors(engine, key))
+    report.event("plan", **p.as_dict())
+    if p.cost_usd > req.max_cost:
+        raise ConfigError(
+            f"this run would cost ${p.cost_usd:.4f} ({p.tokens:,} tokens at ${p.price_per_mtok:g} per 1M), above "
+            f"--max-cost {req.max_cost:g}: raise --max-cost, or narrow it with -u/--target/--limit "
+            "(see `backfill plan`)"
+        )
+
+
+def plan(settings: Settings, req: RunRequest) -> int:
+    """What `run` with the same options would do: rows, tokens, requests, cost, ETA. Sends nothing."""
+    _validate(req)
+    _target, engine = open_database(settings)
+    with engine.connect() as conn:
+        user_id = coverage.user_id_for(conn, req.user_email) if req.user_email else None
+    if req.provider == "local":
+        from backfill.providers.local import LocalProvider
+
+        local = LocalProvider()
+        name, model, dims, fit = "local", local.model, local.dimensions, local.fit
+    elif req.provider == "openai":
+        from backfill.providers import DEFAULT_MODEL
+        from backfill.providers.base import DEFAULT_DIMENSIONS
+        from backfill.tokens import MAX_INPUT_TOKENS, truncate
+
+        name, model = "openai", req.model or DEFAULT_MODEL
+        dims = req.dimensions or DEFAULT_DIMENSIONS.get(model)
+        if not dims:
+            raise ConfigError(f"unknown dimensions for model {model!r}: pass --dimensions N")
+
+        def fit(text: str) -> tuple[str, int, bool]:
+            return truncate(text, MAX_INPUT_TOKENS)
+    else:
+        raise ConfigError(f"unknown provider {req.provider!r}: use --provider openai or --provider local")
+    options = _options(req, user_id)
+    p = _new_plan(req, name, model, dims)
+    key = _jobs.JobKey("run", req.target, user_id, name, model, dims, req.recipe)
+    _plan.compute(engine, p, options, fit, _open_cursors(engine, key))
+    if report.is_json():
+        print(json.dumps(p.as_dict()), flush=True)
+    else:
+        report.say(_plan.render(p))
+    if req.max_cost is not None and p.cost_usd > req.max_cost:
+        raise ConfigError(f"the plan costs ${p.cost_usd:.4f}, above --max-cost {req.max_cost:g}")
     return 0

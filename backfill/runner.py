@@ -205,20 +205,7 @@ class Runner:
         return items
 
     def _requests(self, items: list[Item]) -> list[list[Item]]:
-        """Pack consecutive items: at most -b inputs and 300k tokens per request."""
-        cap = min(self.options.batch_size, MAX_REQUEST_INPUTS)
-        out: list[list[Item]] = []
-        current: list[Item] = []
-        used = 0
-        for item in items:
-            if current and (len(current) >= cap or used + item.tokens > MAX_REQUEST_TOKENS):
-                out.append(current)
-                current, used = [], 0
-            current.append(item)
-            used += item.tokens
-        if current:
-            out.append(current)
-        return out
+        return pack_requests(items, self.options.batch_size)
 
     def _pace(self) -> None:
         if not self.options.delay_ms:
@@ -375,6 +362,23 @@ class Runner:
                 if self.stop.reason:
                     break
         return self.outcome
+
+
+def pack_requests(items: Sequence[Any], batch_size: int) -> list[list[Any]]:
+    """Pack consecutive items (anything with `.tokens`): at most -b inputs and 300k tokens per request."""
+    cap = min(batch_size, MAX_REQUEST_INPUTS)
+    out: list[list[Any]] = []
+    current: list[Any] = []
+    used = 0
+    for item in items:
+        if current and (len(current) >= cap or used + item.tokens > MAX_REQUEST_TOKENS):
+            out.append(current)
+            current, used = [], 0
+        current.append(item)
+        used += item.tokens
+    if current:
+        out.append(current)
+    return out
 
 
 def _accepts_tokens(provider: Provider) -> bool:
