@@ -94,13 +94,20 @@ class OpenAIProvider:
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _once(self, texts: Sequence[str], tokens: int | None) -> Embedded:
-        self.limiter.acquire(tokens or 0)
+        ticket = self.limiter.acquire(tokens or 0)
+        try:
+            return self._send(texts, tokens, ticket)
+        finally:
+            self.limiter.release(ticket)
+
+    def _send(self, texts: Sequence[str], tokens: int | None, ticket) -> Embedded:  # noqa: ANN001 - limits.Ticket
         kwargs = {"dimensions": self.dimensions} if self._send_dimensions else {}
         try:
             raw = self._client.embeddings.with_raw_response.create(input=list(texts), model=self.model, **kwargs)
         except openai.RateLimitError as exc:
             wait = _retry_after(exc.response.headers)
-            self.limiter.on_rate_limited(wait)
+            self.limiter.observe(exc.response.headers, ticket)
+            self.limiter.on_rate_limited(wait, exc.response.headers)
             raise ProviderError(f"429 rate limited: {_message(exc)}", retryable=True, status=429, retry_after=wait) from None
         except openai.AuthenticationError as exc:
             raise FatalProviderError(f"the API rejected the key ({exc.status_code}): check OPENAI_API_KEY", exc.status_code) from None
@@ -118,7 +125,7 @@ class OpenAIProvider:
             raise ProviderError(f"connection failed: {type(exc.__cause__ or exc).__name__}", retryable=True) from None
         except ValueError as exc:  # a body that is not JSON surfaces as JSONDecodeError, outside openai's types
             raise ProviderError(f"malformed response: {type(exc).__name__}", retryable=True) from None
-        self.limiter.observe(raw.headers)
+        self.limiter.observe(raw.headers, ticket)
         try:
             body = raw.parse()
             data = sorted(body.data, key=lambda d: d.index)
