@@ -82,6 +82,7 @@ class PageResult:
     failures: dict[int, str] = field(default_factory=dict)
     skipped: dict[int, str] = field(default_factory=dict)
     texts: dict[int, str] = field(default_factory=dict)
+    encoded: dict[int, str] = field(default_factory=dict)  # vectors as stored text, made off the writer thread
     tokens: int = 0
     requests: int = 0
 
@@ -262,22 +263,41 @@ class Runner:
     def _embed_page(self, pool: ThreadPoolExecutor, spec: targets.Spec, rows: list[sa.Row]) -> PageResult:
         return self._collect(*self._submit(pool, spec, rows))
 
-    def _submit(self, pool: ThreadPoolExecutor, spec: targets.Spec, rows: list[sa.Row]) -> tuple[PageResult, list[Future]]:
-        """Queue a page's requests on the pool; they run while earlier pages commit."""
+    def _submit(self, pool: ThreadPoolExecutor, spec: targets.Spec, rows: list[sa.Row]) -> tuple[PageResult, Future]:
+        """Queue a page on the pool: recipe texts and tokens, then its requests, all off the writer thread."""
         result = PageResult()
-        return result, [pool.submit(self._embed, req) for req in self._requests(self._items(spec, rows, result))]
 
-    def _collect(self, result: PageResult, futures: list[Future]) -> PageResult:
-        """Wait for a page's requests (heartbeating the lease meanwhile) and gather their outcomes."""
+        def prepare() -> list[Future]:
+            return [pool.submit(self._send, req) for req in self._requests(self._items(spec, rows, result))]
+
+        return result, pool.submit(prepare)
+
+    def _send(self, items: list[Item]) -> tuple[list[tuple[Item, list[float] | None, str | None]], int, int, dict[int, str]]:
+        outcomes, used, requests = self._embed(items)
+        return outcomes, used, requests, {i.row_id: encode_vector(v) for i, v, _e in outcomes if v is not None}
+
+    def _wait(self, futures: list[Future]) -> None:
+        """Wait for futures, heartbeating the lease while nothing finishes."""
         pending = set(futures)
         while pending:
             done, pending = wait(pending, timeout=15, return_when=FIRST_COMPLETED)
             if pending and not done:
                 self._heartbeat()
+
+    @staticmethod
+    def _page_done(prepared: Future) -> bool:
+        return prepared.done() and all(f.done() for f in prepared.result())
+
+    def _collect(self, result: PageResult, prepared: Future) -> PageResult:
+        """Wait for a page's requests and gather their outcomes."""
+        self._wait([prepared])
+        futures = prepared.result()
+        self._wait(futures)
         for fut in futures:
-            outcomes, used, requests = fut.result()
+            outcomes, used, requests, encoded = fut.result()
             result.tokens += used
             result.requests += requests
+            result.encoded.update(encoded)
             for item, vector, error in outcomes:
                 if vector is not None:
                     result.vectors[item.row_id] = vector
@@ -310,7 +330,7 @@ class Runner:
                     cond.append(spec.user_id == self.options.user_id)
                 conn.execute(
                     spec.table.update().where(*cond).values(embedding=sa.bindparam("e")),
-                    [{"k": rid, "e": encode_vector(vec)} for rid, vec in result.vectors.items()],
+                    [{"k": rid, "e": result.encoded.get(rid) or encode_vector(vec)} for rid, vec in result.vectors.items()],
                 )
                 self._provenance(conn, spec, result, stamp)
             jobs.upsert_failures(conn, self.job.id, [
@@ -369,11 +389,11 @@ class Runner:
         pool = ThreadPoolExecutor(max_workers=self.options.concurrency, thread_name_prefix="embed")
         try:
             for spec in targets.specs_for(self.job.target):
-                inflight: deque[tuple[list[sa.Row], PageResult, list[Future]]] = deque()
+                inflight: deque[tuple[list[sa.Row], PageResult, Future]] = deque()
                 for rows in self._pages(spec, cursors.get(spec.name, 0)):
                     inflight.append((rows, *self._submit(pool, spec, rows)))
                     # commit every finished page at the head, and the oldest once the pipeline is full
-                    while inflight and (len(inflight) >= PIPELINE_PAGES or all(f.done() for f in inflight[0][2])):
+                    while inflight and (len(inflight) >= PIPELINE_PAGES or self._page_done(inflight[0][2])):
                         self._commit_next(spec, inflight, cursors)
                 while inflight:
                     self._commit_next(spec, inflight, cursors)
@@ -387,8 +407,8 @@ class Runner:
 
     def _commit_next(self, spec: targets.Spec, inflight: deque, cursors: dict[str, int]) -> None:
         """Commit the oldest page in flight: its rows are the next ones in key order."""
-        rows, result, futures = inflight.popleft()
-        self._collect(result, futures)
+        rows, result, prepared = inflight.popleft()
+        self._collect(result, prepared)
         cursors[spec.name] = int(rows[-1][0])
         self._commit(spec, rows, result, cursors, retry=False)
         self._account(spec, rows, result, cursors[spec.name])

@@ -32,6 +32,25 @@ def _texts(engine, rows: set[tuple[str, int]]) -> Counter:
     return out
 
 
+def _check_counters(engine) -> None:
+    """The jobs' embedded counters equal the provenance rows actually written."""
+    with engine.connect() as conn:
+        counted = conn.exec_driver_sql("SELECT coalesce(sum(embedded), 0) FROM backfill_jobs").scalar()
+        written = conn.exec_driver_sql("SELECT count(*) FROM backfill_embeddings").scalar()
+    assert counted == written
+
+
+def _rows_by_text(engine) -> dict[str, set[tuple[str, int]]]:
+    """Recipe text -> the rows that carry it (a few sample rows share a text)."""
+    out: dict[str, set[tuple[str, int]]] = {}
+    with engine.connect() as conn:
+        for table, spec in targets.SPECS.items():
+            cols = ", ".join(["id", *spec.text_columns])
+            for row in conn.exec_driver_sql(f"SELECT {cols} FROM {table}").mappings():
+                out.setdefault(expected_text(table, row), set()).add((table, row["id"]))
+    return out
+
+
 def _job_totals(engine) -> dict:
     with engine.connect() as conn:
         row = conn.exec_driver_sql(
@@ -62,3 +81,51 @@ def test_a_run_over_the_token_quota_is_paced_below_one_percent_429s_and_loses_no
     assert assert_vectors_match_recipe(engine, todo) == len(todo)
     assert seen_ok == expected
     assert _job_totals(engine) == {"embedded": len(todo), "failed": 0, "selected": len(todo), "provenance": len(todo)}
+
+
+def test_sigkill_with_many_requests_in_flight_then_resume_equals_an_uninterrupted_run(tmp_path, cli):
+    """B's kill test with 8 requests in flight and 3 pages queued ahead of the commit: after each
+    kill the counters equal the rows written, a resume re-sends no committed row, and the end state
+    equals an uninterrupted run's."""
+    (tmp_path / "ref").mkdir()
+    (tmp_path / "victim").mkdir()
+    reference = make_backend("sqlite", tmp_path / "ref")
+    victim = make_backend("sqlite", tmp_path / "victim")
+    for be in (reference, victim):
+        build(be.engine(), memories=700, entities=150, seed=13)
+    args = [*RUN_ARGS, "-b", "5", "--concurrency", "8"]
+    with FakeOpenAI() as server:
+        assert cli("up", *args, env=env_for(server, reference.url)).code == 0
+        server.configure(latency_ms=250, latency_per_input_ms=20)  # uneven: later requests often finish first
+        rng = random.Random(17)
+        env = {**os.environ, **env_for(server, victim.url)}
+        assert cli("migrate", env=env_for(server, victim.url)).code == 0
+        kills = 0
+        for _ in range(6):
+            proc = subprocess.Popen([sys.executable, "-m", "backfill", "up", *args], env=env, cwd=ROOT,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(rng.uniform(1.5, 3.0))
+            if proc.poll() is not None:
+                break
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            kills += 1
+            engine = victim.engine()
+            committed = {(t, i) for t in ("memories", "entities") for i, e in embeddings(engine, t).items() if is_vector(e)}
+            _check_counters(engine)
+            server.reset_log()
+            nxt = subprocess.run([sys.executable, "-m", "backfill", "resume", "--limit", "40", *args[-4:]],
+                                 env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+            assert nxt.returncode in (0, 2), nxt.stdout + nxt.stderr
+            by_text = _rows_by_text(engine)
+            resent = [t for t in set(server.inputs_seen(status=None)) if by_text.get(t) and by_text[t] <= committed]
+            assert not resent, f"re-sent texts of committed rows: {[sorted(by_text[t]) for t in resent][:5]}"
+            engine.dispose()
+        assert kills >= 3
+        final = subprocess.run([sys.executable, "-m", "backfill", "up", *args], env=env, cwd=ROOT,
+                               capture_output=True, text=True, timeout=300)
+        assert final.returncode == 0, final.stdout[-2000:] + final.stderr[-2000:]
+    ref_engine, victim_engine = reference.engine(), victim.engine()
+    for table in ("memories", "entities"):
+        assert embeddings(victim_engine, table) == embeddings(ref_engine, table)
+    _check_counters(victim_engine)
