@@ -75,8 +75,21 @@ def check_vectors(vectors: Sequence[Sequence[float]], expected: int, dimensions:
             raise ProviderError(
                 f"malformed response: vector {i} has {len(vec)} dimensions, expected {dimensions}", retryable=True
             )
+        if _all_finite_floats(vec):  # the fast path (one C-level pass); otherwise check value by value
+            out.append(vec)
+            continue
         values = [float(v) for v in vec]
         if not all(math.isfinite(v) for v in values):
             raise ProviderError(f"malformed response: vector {i} has NaN or infinite values", retryable=True)
         out.append(values)
     return out
+
+
+def _all_finite_floats(vec: Sequence[float]) -> bool:
+    """A list of floats whose sum is finite has no NaN or infinity (either would make the sum non-finite)."""
+    if type(vec) is not list or not vec or type(vec[0]) is not float:
+        return False
+    try:
+        return math.isfinite(sum(vec, 0.0))
+    except TypeError:  # not all numbers: the slow path says which
+        return False
