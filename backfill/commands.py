@@ -207,6 +207,8 @@ def run(settings: Settings, req: RunRequest) -> int:
                     _runner.ensure_compatible(conn, spec, provider, user_id)
             params = {"batch_size": req.batch_size, "concurrency": req.concurrency, "delay_ms": req.delay_ms,
                       "reembed_all": req.reembed_all, "base_url": settings.openai_base_url}
+            if req.price_per_mtok is not None:
+                params["price_per_mtok"] = req.price_per_mtok  # so resume and retry-failed cost the same
             job = _jobs.create(conn, key, user_email=req.user_email, batch_size=req.batch_size, params=params)
             report.say(f"started job {job.id}: {req.target} with {provider.model} ({provider.dimensions} dimensions)")
         else:
@@ -219,6 +221,8 @@ def _job_request(job: _jobs.Job, req: RunRequest) -> RunRequest:
     req.provider, req.model, req.dimensions = job.provider, job.model, job.dimensions
     req.target, req.user_email, req.recipe = job.target, job.user_email, job.recipe_version
     req.reembed_all = bool(params.get("reembed_all"))
+    if req.price_per_mtok is None:
+        req.price_per_mtok = params.get("price_per_mtok")
     return req
 
 

@@ -129,3 +129,14 @@ def test_sigkill_with_many_requests_in_flight_then_resume_equals_an_uninterrupte
     for table in ("memories", "entities"):
         assert embeddings(victim_engine, table) == embeddings(ref_engine, table)
     _check_counters(victim_engine)
+
+
+def test_bench_smoke_db_side_prints_its_table_and_summary():
+    """scripts/bench is not part of the suite; this cheap run keeps it working (exit 2 = rows lost)."""
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench"), "--quick", "--only", "b", "--rows", "600"],
+                          capture_output=True, text=True, timeout=180, cwd=ROOT)
+    assert proc.returncode in (0, 1), proc.stdout + proc.stderr[-2000:]
+    lines = proc.stdout.strip().splitlines()
+    db = [line for line in lines if line.startswith("(b) DB side")]
+    assert len(db) == 1 and float(db[0].split("rows/s")[1].split()[0].replace(",", "")) > 0, lines
+    assert lines[-1].startswith("summary: ") and "targets met" in lines[-1]
