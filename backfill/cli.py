@@ -30,6 +30,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",  # so help text may say [default: …] and `code`
 )
 
 DatabaseUrl = Annotated[

@@ -122,7 +122,7 @@ def test_status_and_jobs_report_what_the_job_rows_hold(tmp_path, cli):
     assert sorted(v["id"] for v in views) == [r["id"] for r in rows]
     assert {v["id"]: v["embedded"] for v in views} == {r["id"]: r["embedded"] for r in rows}
 
-    status = cli("status", str(rows[1]["id"]), "--log-format", "json", env={"DATABASE_URL": be.url})
+    status = cli("status", str(rows[1]["id"]), "--json", env={"DATABASE_URL": be.url})
     assert status.code == 0, status.output
     view = json.loads(status.stdout.splitlines()[-1])
     with engine.connect() as conn:
