@@ -87,6 +87,10 @@ class RunRequest:
     wait: bool = False
     wait_timeout_s: float = 600.0
     extra: dict = _field(default_factory=dict)
+    reembed_stale: bool = False
+    adopt_existing: bool = False
+    max_failed_ratio: float | None = None
+    vector_column: str | None = None
 
 
 def _require_tables(engine: Engine) -> None:
@@ -111,7 +115,7 @@ def _options(req: RunRequest, user_id: str | None) -> _runner.RunOptions:
     return _runner.RunOptions(
         target=req.target, user_id=user_id, batch_size=req.batch_size, concurrency=req.concurrency,
         delay_ms=req.delay_ms, limit=req.limit, max_runtime_s=req.max_runtime_s, recipe=req.recipe,
-        reembed_all=req.reembed_all,
+        reembed_all=req.reembed_all, reembed_stale=req.reembed_stale, model=req.model,
     )
 
 
@@ -193,20 +197,25 @@ def run(settings: Settings, req: RunRequest) -> int:
     with engine.connect() as conn:
         user_id = coverage.user_id_for(conn, req.user_email) if req.user_email else None
     provider = _build_provider(settings, req)
+    req.model = provider.model
     options = _options(req, user_id)
     key = _jobs.JobKey("run", req.target, user_id, provider.name, provider.model, provider.dimensions, req.recipe)
     with engine.begin() as conn:
         job = _jobs.find_open(conn, key)
         if job is None:
-            if not req.reembed_all:
+            if not (req.reembed_all or req.reembed_stale):
                 for spec in _targets.specs_for(req.target):
                     _runner.ensure_compatible(conn, spec, provider, user_id)
             params = {"batch_size": req.batch_size, "concurrency": req.concurrency, "delay_ms": req.delay_ms,
                       "reembed_all": req.reembed_all, "base_url": settings.openai_base_url}
+            if req.reembed_stale:
+                params["reembed_stale"] = True
             job = _jobs.create(conn, key, user_email=req.user_email, batch_size=req.batch_size, params=params)
             report.say(f"started job {job.id}: {req.target} with {provider.model} ({provider.dimensions} dimensions)")
         else:
             report.say(f"resuming job {job.id} from its last committed batch")
+    if req.adopt_existing:
+        _adopt(engine, job, provider, req, user_id)
     return _drive(settings, engine, job, provider, req, options)
 
 
@@ -215,7 +224,18 @@ def _job_request(job: _jobs.Job, req: RunRequest) -> RunRequest:
     req.provider, req.model, req.dimensions = job.provider, job.model, job.dimensions
     req.target, req.user_email, req.recipe = job.target, job.user_email, job.recipe_version
     req.reembed_all = bool(params.get("reembed_all"))
+    req.reembed_stale = bool(params.get("reembed_stale"))
     return req
+
+
+def _adopt(engine: Engine, job: _jobs.Job, provider, req: RunRequest, user_id: str | None) -> None:  # noqa: ANN001
+    from backfill import stale
+
+    for spec in _targets.specs_for(req.target):
+        n = stale.adopt(engine, spec, provider=provider.name, model=provider.model, dimensions=provider.dimensions,
+                        recipe=req.recipe, user_id=user_id, job_id=job.id)
+        report.say(f"adopted {n} existing {spec.name} vector(s): provenance recorded, nothing sent")
+        report.event("adopted", job=job.id, target=spec.name, rows=n)
 
 
 def _pick_job(conn, job_id: int | None, statuses: tuple[str, ...], what: str) -> _jobs.Job:  # noqa: ANN001
@@ -271,7 +291,9 @@ def _job_view(conn, job: _jobs.Job, *, remaining: bool) -> dict:  # noqa: ANN001
     row["rate_rows_s"] = None if rate is None else round(rate, 2)
     if remaining and job.status in _jobs.OPEN_STATUSES:
         opts = _runner.RunOptions(target=job.target, user_id=job.user_id,
-                                  reembed_all=bool(job.params.get("reembed_all")))
+                                  reembed_all=bool(job.params.get("reembed_all")),
+                                  reembed_stale=bool(job.params.get("reembed_stale")), model=job.model,
+                                  recipe=job.recipe_version)
         left = sum(_runner.count_remaining(conn, s, job.dimensions, opts, job.cursors.get(s.name, 0))
                    for s in _targets.specs_for(job.target))
         row["remaining"] = left

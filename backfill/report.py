@@ -86,6 +86,10 @@ def stats_block(stats_dict: dict) -> str:
             f"  {name:<9} total {t['total']:>8}  with embedding {t['with_embedding']:>8}  "
             f"missing {t['missing']:>7}  malformed {t['malformed']:>5}  coverage {t['coverage']:6.2f}%  {t['verdict']}"
         )
+        if t.get("stale") or t.get("unknown"):
+            why = ", ".join(f"{k} {v}" for k, v in t.get("stale_reasons", {}).items() if v)
+            lines.append(f"  {'':<9} stale {t['stale']:>8}{f' ({why})' if why else ''}  "
+                         f"unknown {t['unknown']:>8} (no provenance; --adopt-existing records it)")
     lines.append(f"Health: {stats_dict['verdict']}")
     if stats_dict.get("recommendation"):
         lines.append(f"Recommendation: {stats_dict['recommendation']}")

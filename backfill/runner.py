@@ -19,7 +19,7 @@ from typing import Any, Iterator, Sequence
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from backfill import jobs, targets
+from backfill import jobs, stale, targets
 from backfill.errors import ConfigError
 from backfill.providers.base import BadInput, FatalProviderError, Provider, ProviderError
 from backfill.schema import backfill_embeddings
@@ -39,6 +39,8 @@ class RunOptions:
     max_runtime_s: float | None = None
     recipe: str = targets.DEFAULT_RECIPE
     reembed_all: bool = False
+    reembed_stale: bool = False  # also re-embed rows whose vector is stale (stale.py)
+    model: str | None = None  # the job's model: the reference for --reembed-stale counts
 
     @property
     def page_size(self) -> int:
@@ -131,6 +133,9 @@ def needing(spec: targets.Spec, dialect: str, dimensions: int, options: RunOptio
 
 
 def count_remaining(conn: Connection, spec: targets.Spec, dimensions: int, options: RunOptions, after: int) -> int:
+    if options.reembed_stale and not options.reembed_all:
+        ref = stale.Reference(options.model, dimensions, options.recipe)
+        return stale.remaining(conn, spec, ref, options.user_id, after)
     q = sa.select(sa.func.count()).select_from(spec.table).where(
         spec.key > after, needing(spec, conn.dialect.name, dimensions, options), *scope(spec, options.user_id))
     return int(conn.execute(q).scalar() or 0)
@@ -155,6 +160,9 @@ class Runner:
 
     # --- enumerate ------------------------------------------------------------------------
     def _pages(self, spec: targets.Spec, cursor: int) -> Iterator[list[sa.Row]]:
+        if self.options.reembed_stale and not self.options.reembed_all:
+            yield from stale.pages(self, spec, cursor)
+            return
         while not self.stop.reason:
             size = self.options.page_size
             if self.options.limit is not None:
@@ -199,8 +207,8 @@ class Runner:
             if not text:
                 result.skipped[row_id] = "blank text: nothing to embed"
                 continue
+            result.texts[row_id] = text  # provenance hashes the full recipe text (stale.py recomputes it)
             text, count, cut = self.provider.fit(text)
-            result.texts[row_id] = text
             items.append(Item(spec.name, row_id, text, count, cut))
         return items
 
