@@ -181,6 +181,7 @@ def _drive(settings: Settings, engine: Engine, job: _jobs.Job, provider, req: Ru
     report.event("job_finished", job=job.id, status=status, stop_reason=reason, selected=final.selected,
                  embedded=final.embedded, failed=final.failed, skipped=final.skipped, batches=final.batches,
                  requests=final.requests, tokens=final.tokens, cost_usd=round(final.cost_usd, 6),
+                 tokens_saved=final.tokens_saved,
                  coverage=round(pct, 2), failed_ids=[f"{t}:{i}" for t, i in outcome.failed_ids[:100]])
     report.say(report.final_block(outcome, pct, total_rows))
     if status == "interrupted" and stop.signalled:

@@ -172,6 +172,8 @@ def final_block(outcome: Any, coverage: float | None, total_rows: int | None) ->
     if coverage is not None:
         rows.append(f"   Coverage: {coverage:.0f}% of {total_rows} rows")
     rows += [f"   Batches processed: {outcome.batches}", f"   Tokens: {outcome.tokens:,}  Cost: ${outcome.cost_usd:.4f}"]
+    if getattr(outcome, "tokens_saved", 0):
+        rows.append(f"   Tokens saved by same-text dedupe: {outcome.tokens_saved:,}")
     if outcome.failed_ids:
         rows += ["", f"Failed IDs ({len(outcome.failed_ids)}):"]
         rows += [f"   - {t}:{i}" for t, i in outcome.failed_ids[:10]]

@@ -19,7 +19,7 @@ from typing import Any, Iterator, Sequence
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from backfill import jobs, stale, targets
+from backfill import dedupe, jobs, stale, targets
 from backfill.errors import ConfigError
 from backfill.providers.base import BadInput, FatalProviderError, Provider, ProviderError
 from backfill.schema import backfill_embeddings
@@ -64,6 +64,8 @@ class PageResult:
     texts: dict[int, str] = field(default_factory=dict)
     tokens: int = 0
     requests: int = 0
+    copies: dict[int, int] = field(default_factory=dict)  # row -> row with the identical text (dedupe.py)
+    tokens_saved: int = 0
 
 
 @dataclass
@@ -79,6 +81,7 @@ class Outcome:
     tokens: int = 0
     cost_usd: float = 0.0
     elapsed_s: float = 0.0
+    tokens_saved: int = 0
     failed_ids: list[tuple[str, int]] = field(default_factory=list)
 
 
@@ -258,7 +261,10 @@ class Runner:
 
     def _embed_page(self, pool: ThreadPoolExecutor, spec: targets.Spec, rows: list[sa.Row]) -> PageResult:
         result = PageResult()
-        futures: list[Future] = [pool.submit(self._embed, req) for req in self._requests(self._items(spec, rows, result))]
+        items = dedupe.reduce(self.engine, spec, self._items(spec, rows, result), result, model=self.provider.model,
+                              dimensions=self.job.dimensions, recipe=self.options.recipe, user_id=self.options.user_id,
+                              across_jobs=not self.options.reembed_all)
+        futures: list[Future] = [pool.submit(self._embed, req) for req in self._requests(items)]
         pending = set(futures)
         while pending:
             done, pending = wait(pending, timeout=15, return_when=FIRST_COMPLETED)
@@ -273,6 +279,7 @@ class Runner:
                     result.vectors[item.row_id] = vector
                 else:
                     result.failures[item.row_id] = error or "unknown error"
+        dedupe.spread(result)
         return result
 
     # --- record progress ------------------------------------------------------------------
@@ -288,7 +295,7 @@ class Runner:
         with self.engine.begin() as conn:
             deltas: dict[str, float] = dict(
                 embedded=len(result.vectors), batches=1, requests=result.requests, tokens=result.tokens,
-                cost_usd=cost, elapsed_s=elapsed - self.job_elapsed_committed)
+                cost_usd=cost, elapsed_s=elapsed - self.job_elapsed_committed, tokens_saved=result.tokens_saved)
             if retry:
                 deltas["failed"] = -len(result.vectors)  # recorded failures that now succeeded
             else:
@@ -342,6 +349,7 @@ class Runner:
         o.embedded += len(result.vectors)
         o.batches += 1
         o.tokens += result.tokens
+        o.tokens_saved += result.tokens_saved
         o.cost_usd += result.tokens * self.provider.price_per_mtok / 1_000_000
         o.failed_ids.extend((spec.name, rid) for rid in result.failures)
         self.progress.batch(self, spec.name, rows, result, cursor)
