@@ -186,9 +186,19 @@ def _drive(settings: Settings, engine: Engine, job: _jobs.Job, provider, req: Ru
     report.say(report.final_block(outcome, pct, total_rows))
     if status == "interrupted" and stop.signalled:
         raise Interrupted(f"job {job.id} interrupted; resume with `backfill resume {job.id}`")
-    if status == "done" and final.failed:
+    if status == "done" and final.failed and _tolerated(req, final.failed, final.selected):
+        report.say(f"{final.failed} of {final.selected} row(s) failed, within --max-failed-ratio "
+                   f"{req.max_failed_ratio}: exit 0 (re-run them with `backfill retry-failed {job.id}`)")
+        report.event("failures_tolerated", job=job.id, failed=final.failed, selected=final.selected,
+                     max_failed_ratio=req.max_failed_ratio)
+    elif status == "done" and final.failed:
         raise RowsFailed(f"job {job.id}: {final.failed} row(s) failed; re-run them with `backfill retry-failed {job.id}`")
     return 0
+
+
+def _tolerated(req: RunRequest, failed: int, selected: int) -> bool:
+    """--max-failed-ratio R: failures up to R of the selected rows do not fail the command."""
+    return req.max_failed_ratio is not None and selected > 0 and failed / selected <= req.max_failed_ratio
 
 
 def run(settings: Settings, req: RunRequest) -> int:
