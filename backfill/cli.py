@@ -286,6 +286,23 @@ def cancel(job: Annotated[int, typer.Argument(help="Job id.")], database_url: Da
     _execute(log_format, lambda: load_settings(database_url), lambda s: commands.cancel(s, job))
 
 
+@app.command()
+def index(
+    vector_column: Annotated[str, typer.Option("--vector-column", help="The F32_BLOB column written by "
+                                               "`run --vector-column` (libSQL only).")],
+    database_url: DatabaseUrl = None, target: Target = "all", log_format: LogFormat = "auto",
+) -> None:
+    """Build the libSQL vector index (libsql_vector_idx) after the backfill and check vector_top_k on 20 probes.
+
+    Fills the column where it is still NULL first. Exit 1 if a probe is not found.
+
+    Example: backfill index --vector-column embedding_vec --database-url sqlite+libsql:///memory.db
+    """
+    from backfill import commands
+
+    _execute(log_format, lambda: load_settings(database_url), lambda s: commands.index(s, vector_column, target))
+
+
 @app.command("sample-db")
 def sample_db(
     path: Annotated[str, typer.Argument(help="SQLite file to create (must not exist).")],

@@ -116,6 +116,7 @@ def _options(req: RunRequest, user_id: str | None) -> _runner.RunOptions:
         target=req.target, user_id=user_id, batch_size=req.batch_size, concurrency=req.concurrency,
         delay_ms=req.delay_ms, limit=req.limit, max_runtime_s=req.max_runtime_s, recipe=req.recipe,
         reembed_all=req.reembed_all, reembed_stale=req.reembed_stale, model=req.model,
+        vector_column=req.vector_column,
     )
 
 
@@ -203,13 +204,21 @@ def _tolerated(req: RunRequest, failed: int, selected: int) -> bool:
 
 def run(settings: Settings, req: RunRequest) -> int:
     _validate(req)
-    _target, engine = open_database(settings)
+    target, engine = open_database(settings)
+    if req.vector_column:
+        from backfill import vectors
+
+        vectors.check_backend(target.kind, req.vector_column)
     _require_tables(engine)
     with engine.connect() as conn:
         user_id = coverage.user_id_for(conn, req.user_email) if req.user_email else None
     provider = _build_provider(settings, req)
     req.model = provider.model
     options = _options(req, user_id)
+    if req.vector_column:
+        for name in vectors.prepare(engine, target.kind, _targets.specs_for(req.target), req.vector_column,
+                                    provider.dimensions):
+            report.say(f"added column {name}.{req.vector_column} F32_BLOB({provider.dimensions})")
     key = _jobs.JobKey("run", req.target, user_id, provider.name, provider.model, provider.dimensions, req.recipe)
     with engine.begin() as conn:
         job = _jobs.find_open(conn, key)
@@ -221,6 +230,8 @@ def run(settings: Settings, req: RunRequest) -> int:
                       "reembed_all": req.reembed_all, "base_url": settings.openai_base_url}
             if req.reembed_stale:
                 params["reembed_stale"] = True
+            if req.vector_column:
+                params["vector_column"] = req.vector_column
             job = _jobs.create(conn, key, user_email=req.user_email, batch_size=req.batch_size, params=params)
             report.say(f"started job {job.id}: {req.target} with {provider.model} ({provider.dimensions} dimensions)")
         else:
@@ -236,6 +247,7 @@ def _job_request(job: _jobs.Job, req: RunRequest) -> RunRequest:
     req.target, req.user_email, req.recipe = job.target, job.user_email, job.recipe_version
     req.reembed_all = bool(params.get("reembed_all"))
     req.reembed_stale = bool(params.get("reembed_stale"))
+    req.vector_column = params.get("vector_column")
     return req
 
 
@@ -377,6 +389,23 @@ def up(settings: Settings, req: RunRequest) -> int:
         stats(settings, user_email=req.user_email)
         raise exc
     stats(settings, user_email=req.user_email)
+    return 0
+
+
+def index(settings: Settings, column: str, target: str = "all") -> int:
+    """Fill the native vector column where NULL, build its libsql_vector_idx index, check vector_top_k."""
+    from backfill import vectors
+
+    if target not in _targets.TARGET_CHOICES:
+        raise ConfigError(f"--target must be one of {', '.join(_targets.TARGET_CHOICES)}")
+    kind, engine = open_database(settings)
+    vectors.check_backend(kind.kind, column)
+    for spec in _targets.specs_for(target):
+        res = vectors.build_and_check(engine, kind.kind, spec, column)
+        report.say(f"{res.index}: {res.rows} vectors ({res.filled} filled now); vector_top_k found "
+                   f"{res.found}/{res.probes} probes")
+        report.event("index_built", table=res.table, index=res.index, rows=res.rows, filled=res.filled,
+                     probes=res.probes, found=res.found)
     return 0
 
 

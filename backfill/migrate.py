@@ -66,6 +66,8 @@ def include_object(obj, name, type_, reflected, compare_to):  # noqa: ANN001 - A
     """Compare only what the migrations own; ignore FTS5/libSQL shadow tables and foreign tables."""
     if type_ == "index" and name in EXPRESSION_INDEXES:
         return False
+    if type_ == "column" and reflected and compare_to is None and isinstance(obj.type, sa.types.NullType):
+        return False  # an added column of a type SQLAlchemy cannot read: libSQL's F32_BLOB (vectors.py)
     if type_ == "table":
         if name is None or _is_shadow(name) or name in baseline.FTS_TABLES:
             return False

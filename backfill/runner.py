@@ -19,7 +19,7 @@ from typing import Any, Iterator, Sequence
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from backfill import dedupe, jobs, stale, targets
+from backfill import dedupe, jobs, stale, targets, vectors
 from backfill.errors import ConfigError
 from backfill.providers.base import BadInput, FatalProviderError, Provider, ProviderError
 from backfill.schema import backfill_embeddings
@@ -41,6 +41,7 @@ class RunOptions:
     reembed_all: bool = False
     reembed_stale: bool = False  # also re-embed rows whose vector is stale (stale.py)
     model: str | None = None  # the job's model: the reference for --reembed-stale counts
+    vector_column: str | None = None  # libSQL F32_BLOB column written beside the JSON (vectors.py)
 
     @property
     def page_size(self) -> int:
@@ -309,6 +310,8 @@ class Runner:
                     spec.table.update().where(*cond).values(embedding=sa.bindparam("e")),
                     [{"k": rid, "e": json.dumps(vec, separators=(",", ":"))} for rid, vec in result.vectors.items()],
                 )
+                if self.options.vector_column:
+                    vectors.write(conn, spec, self.options.vector_column, list(result.vectors))
                 self._provenance(conn, spec, result, stamp)
             jobs.upsert_failures(conn, self.job.id, [
                 *({"target": spec.name, "row_id": rid, "kind": "failed", "error": err[:1000]}
