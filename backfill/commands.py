@@ -170,7 +170,7 @@ def _drive(settings: Settings, engine: Engine, job: _jobs.Job, provider, req: Ru
             _jobs.finish(conn, job.id, worker, status, reason)
     with engine.connect() as conn:
         final = _jobs.get(conn, job.id)
-        cov = coverage.collect(conn, job.user_email)
+        cov = coverage.collect(conn, job.user_email, with_stale=False)
     outcome.status, outcome.stop_reason = status, reason
     outcome.failed = int(final.failed)
     if not outcome.failed_ids and outcome.failed:

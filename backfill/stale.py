@@ -67,7 +67,7 @@ def reference_for(conn: Connection, table: str) -> Reference:
 
 
 def _scan_query(spec: targets.Spec, dialect: str, after: int, limit: int, user_id: str | None,
-                dimensions: int | None) -> sa.Select:
+                dimensions: int | None, where: tuple = ()) -> sa.Select:
     needs = targets.needs_embedding(spec, dialect, dimensions)
     q = (
         sa.select(
@@ -77,7 +77,7 @@ def _scan_query(spec: targets.Spec, dialect: str, after: int, limit: int, user_i
             prov.c.recipe_version.label("_p_recipe"), prov.c.content_hash.label("_p_hash"),
         )
         .select_from(spec.table.outerjoin(prov, sa.and_(prov.c.target == spec.name, prov.c.row_id == spec.key)))
-        .where(spec.key > after)
+        .where(spec.key > after, *where)
         .order_by(spec.key)
         .limit(limit)
     )
@@ -102,10 +102,10 @@ def reason(spec: targets.Spec, row: Any, ref: Reference) -> str | None:
 
 
 def scan(conn: Connection, spec: targets.Spec, *, after: int = 0, user_id: str | None = None,
-         dimensions: int | None = None, page: int = SCAN_PAGE) -> Iterator[list[sa.Row]]:
+         dimensions: int | None = None, page: int = SCAN_PAGE, where: tuple = ()) -> Iterator[list[sa.Row]]:
     """Every row in scope after `after`, with `_needs` and its provenance, page by page by key."""
     while True:
-        rows = conn.execute(_scan_query(spec, conn.dialect.name, after, page, user_id, dimensions)).all()
+        rows = conn.execute(_scan_query(spec, conn.dialect.name, after, page, user_id, dimensions, where)).all()
         if not rows:
             return
         yield rows
@@ -117,15 +117,24 @@ def count(conn: Connection, spec: targets.Spec, ref: Reference, user_id: str | N
     out = StaleCounts()
     if not has_provenance(conn):
         return out
-    for rows in scan(conn, spec, user_id=user_id):
-        for row in rows:
-            if row._mapping["_needs"]:
-                continue
-            why = reason(spec, row, ref)
-            if why == "unknown":
-                out.unknown += 1
-            elif why is not None:
-                out.stale[why] += 1
+    dialect = conn.dialect.name
+    valid = sa.and_(sa.not_(targets.missing(spec.embedding)), targets.valid_vector(spec.embedding, dialect))
+    other_model = sa.or_(sa.false(), *([prov.c.model != ref.model] if ref.model is not None else []),
+                         *([prov.c.dimensions != ref.dimensions] if ref.dimensions is not None else []))
+    other_recipe = sa.or_(prov.c.recipe_version.not_in(list(targets.RECIPES)),
+                          *([prov.c.recipe_version != ref.recipe] if ref.recipe is not None else []))
+    has = prov.c.row_id.is_not(None)
+    q = sa.select(  # everything but the text is decided in SQL
+        sa.func.coalesce(sa.func.sum(sa.case((sa.not_(has), 1), else_=0)), 0),
+        sa.func.coalesce(sa.func.sum(sa.case((sa.and_(has, other_model), 1), else_=0)), 0),
+        sa.func.coalesce(sa.func.sum(sa.case((sa.and_(has, sa.not_(other_model), other_recipe), 1), else_=0)), 0),
+    ).select_from(spec.table.outerjoin(prov, sa.and_(prov.c.target == spec.name, prov.c.row_id == spec.key))
+                  ).where(valid, *([spec.user_id == user_id] if user_id is not None else []))
+    unknown, model, recipe = (int(v) for v in conn.execute(q).one())
+    out.unknown, out.stale["model"], out.stale["recipe"] = unknown, model, recipe
+    same = (has, valid, sa.not_(other_model), sa.not_(other_recipe))
+    for rows in scan(conn, spec, user_id=user_id, where=same):  # only these need their text hashed
+        out.stale["text"] += sum(1 for row in rows if reason(spec, row, ref) == "text")
     return out
 
 

@@ -79,7 +79,7 @@ def user_id_for(conn: Connection, email: str) -> str:
     return found
 
 
-def table_stats(conn: Connection, spec: Spec, user_id: str | None = None) -> TableStats:
+def table_stats(conn: Connection, spec: Spec, user_id: str | None = None, with_stale: bool = True) -> TableStats:
     dialect = conn.dialect.name
     col = spec.embedding
     is_missing = missing(col)
@@ -94,11 +94,12 @@ def table_stats(conn: Connection, spec: Spec, user_id: str | None = None) -> Tab
     total, good, miss = conn.execute(q).one()
     total, good, miss = int(total), int(good), int(miss)
     coverage = round(100.0 * good / total, 2) if total else 100.0
-    found = stale.count(conn, spec, stale.reference_for(conn, spec.name), user_id)
+    found = stale.count(conn, spec, stale.reference_for(conn, spec.name), user_id) if with_stale else stale.StaleCounts()
     return TableStats(spec.name, total, good, miss, total - good - miss, coverage, found.total, found.unknown,
                       found.stale)
 
 
-def collect(conn: Connection, user_email: str | None = None) -> Stats:
+def collect(conn: Connection, user_email: str | None = None, *, with_stale: bool = True) -> Stats:
+    """with_stale=False skips the stale scan (it hashes every embedded row's text in Python)."""
     user_id = user_id_for(conn, user_email) if user_email else None
-    return Stats(user_email, [table_stats(conn, spec, user_id) for spec in SPECS.values()])
+    return Stats(user_email, [table_stats(conn, spec, user_id, with_stale) for spec in SPECS.values()])
