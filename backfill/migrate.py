@@ -127,7 +127,9 @@ def _embedding_column_differences(conn: Connection) -> list[str]:
     for table in ("memories", "entities"):
         if not inspector.has_table(table):
             continue
-        cols = {c["name"]: c for c in inspector.get_columns(table)}
+        with warnings.catch_warnings():  # a native F32_BLOB(n) column (vectors.py) reflects as NullType
+            warnings.simplefilter("ignore", sa.exc.SAWarning)
+            cols = {c["name"]: c for c in inspector.get_columns(table)}
         col = cols.get("embedding")
         if col is None:
             out.append(f"missing column {table}.embedding")
