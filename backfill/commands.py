@@ -226,6 +226,11 @@ def run(settings: Settings, req: RunRequest) -> int:
             if not (req.reembed_all or req.reembed_stale):
                 for spec in _targets.specs_for(req.target):
                     _runner.ensure_compatible(conn, spec, provider, user_id)
+            elif req.reembed_stale and not req.reembed_all:
+                from backfill import stale
+
+                for spec in _targets.specs_for(req.target):
+                    stale.refuse_mixing(conn, spec, provider.model, provider.dimensions, user_id)
             params = {"batch_size": req.batch_size, "concurrency": req.concurrency, "delay_ms": req.delay_ms,
                       "reembed_all": req.reembed_all, "base_url": settings.openai_base_url}
             if req.reembed_stale:

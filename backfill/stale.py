@@ -112,7 +112,8 @@ def scan(conn: Connection, spec: targets.Spec, *, after: int = 0, user_id: str |
         after = int(rows[-1][0])
 
 
-def count(conn: Connection, spec: targets.Spec, ref: Reference, user_id: str | None = None) -> StaleCounts:
+def count(conn: Connection, spec: targets.Spec, ref: Reference, user_id: str | None = None, *,
+          texts: bool = True) -> StaleCounts:
     """Stale rows by reason and unknown rows, among rows holding a valid vector."""
     out = StaleCounts()
     if not has_provenance(conn):
@@ -133,7 +134,7 @@ def count(conn: Connection, spec: targets.Spec, ref: Reference, user_id: str | N
     unknown, model, recipe = (int(v) for v in conn.execute(q).one())
     out.unknown, out.stale["model"], out.stale["recipe"] = unknown, model, recipe
     same = (has, valid, sa.not_(other_model), sa.not_(other_recipe))
-    for rows in scan(conn, spec, user_id=user_id, where=same):  # only these need their text hashed
+    for rows in scan(conn, spec, user_id=user_id, where=same) if texts else ():  # only these need their text hashed
         out.stale["text"] += sum(1 for row in rows if reason(spec, row, ref) == "text")
     return out
 
@@ -217,3 +218,22 @@ def adopt(engine: Engine, spec: targets.Spec, *, provider: str, model: str, dime
             ])
             adopted += len(rows)
             after = int(rows[-1][0])
+
+
+def refuse_mixing(conn: Connection, spec: targets.Spec, model: str, dimensions: int, user_id: str | None) -> None:
+    """`--reembed-stale` may move a column to a new model only when no vector of unknown origin would stay behind."""
+    from backfill.errors import ConfigError
+
+    if not has_provenance(conn):
+        return
+    other = conn.execute(sa.select(sa.func.count()).select_from(prov).where(
+        prov.c.target == spec.name, sa.or_(prov.c.model != model, prov.c.dimensions != dimensions))).scalar()
+    if not other:
+        return
+    unknown = count(conn, spec, Reference(None, None, None), user_id, texts=False).unknown
+    if unknown:
+        raise ConfigError(
+            f"{spec.name}: {unknown} vector(s) have no provenance and would stay in their old model while "
+            f"--reembed-stale moves {other} row(s) to {model} ({dimensions} dimensions): re-embed every row on "
+            "purpose with --reembed-all"
+        )

@@ -83,6 +83,17 @@ def test_other_model_and_older_recipe_are_stale_and_adopt_existing_records_unkno
         assert cli("up", *RUN_ARGS, env=env).code == 0
         unknown = _stats(cli, be.url)["entities"]["unknown"]
         assert unknown > 0
+        with engine.begin() as conn:  # one row of another model: moving the column would strand the unknown ones
+            conn.exec_driver_sql("UPDATE backfill_embeddings SET model = 'text-embedding-ada-002' WHERE target = "
+                                 "'entities' AND row_id = (SELECT min(row_id) FROM backfill_embeddings WHERE "
+                                 "target = 'entities')")
+        server.reset_log()
+        jobs_before = _q(engine, "SELECT count(*) FROM backfill_jobs")
+        refused = cli("run", *RUN_ARGS, "--reembed-stale", "--log-format", "human", env=env)
+        assert refused.code == 2 and "--reembed-all" in refused.stderr, refused.output
+        assert server.stats()["requests"] == 0 and _q(engine, "SELECT count(*) FROM backfill_jobs") == jobs_before
+        with engine.begin() as conn:
+            conn.exec_driver_sql(f"UPDATE backfill_embeddings SET model = '{MODEL}'")
         server.reset_log()
         adopted = cli("run", *RUN_ARGS, "--adopt-existing", env=env)
         assert adopted.code == 0, adopted.output
