@@ -61,7 +61,7 @@ def _poison(engine, n: int) -> list[int]:
 @pytest.fixture
 def db(tmp_path):
     be = make_backend("sqlite", tmp_path)
-    sample.build(be.engine(), sample.SampleSpec(memories=250, entities=30, dimensions=DIMS, long_every=10_000))
+    sample.build(be.engine(), sample.SampleSpec(memories=150, entities=20, dimensions=DIMS, long_every=10_000))
     return be
 
 
@@ -113,7 +113,7 @@ def _cron_command(tmp_path: Path) -> str:
 
 def test_cron_line_is_lock_safe_and_the_next_run_finishes_the_job(db, tmp_path):
     command = _cron_command(tmp_path)
-    with FakeOpenAI(latency_per_input_ms=60) as server:  # ~6 s per request: the first run is still going
+    with FakeOpenAI(latency_per_input_ms=400) as server:  # ~40 s per request: the first run is still going
         env = _env(server, db.url)
         first = subprocess.Popen(["sh", "-c", command], env=env, cwd=tmp_path, start_new_session=True)
         try:
@@ -132,15 +132,8 @@ def test_cron_line_is_lock_safe_and_the_next_run_finishes_the_job(db, tmp_path):
             events = _lines(tmp_path / "backfill.jsonl")
             assert any(e.get("exit_code") == 4 for e in events), events[-3:]
         finally:
-            os.killpg(first.pid, signal.SIGTERM)  # stops after its in-flight batch, resumable
+            os.killpg(first.pid, signal.SIGKILL)  # a crashed run: its lease is left behind
             first.wait(timeout=60)
-        for _ in range(600):  # the worker itself exits once its in-flight batch is committed
-            with engine.connect() as conn:
-                jobs = conn.exec_driver_sql("SELECT status FROM backfill_jobs").all()
-            if jobs != [("running",)]:
-                break
-            time.sleep(0.1)
-        assert jobs == [("interrupted",)]
         server.configure(latency_per_input_ms=0)
         third = _sh(command, env, tmp_path, shell="sh")
         assert third.returncode == 0, third.stderr
