@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from backfill.testing.fake_openai import FakeOpenAI
 
 from conftest import make_backend
-from engine_helpers import DIMS, RUN_ARGS, build, env_for, is_vector
+from engine_helpers import RUN_ARGS, build, env_for, is_vector
 
 COLUMN = "embedding_vec"
 
