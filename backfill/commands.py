@@ -215,10 +215,6 @@ def run(settings: Settings, req: RunRequest) -> int:
     provider = _build_provider(settings, req)
     req.model = provider.model
     options = _options(req, user_id)
-    if req.vector_column:
-        for name in vectors.prepare(engine, target.kind, _targets.specs_for(req.target), req.vector_column,
-                                    provider.dimensions):
-            report.say(f"added column {name}.{req.vector_column} F32_BLOB({provider.dimensions})")
     key = _jobs.JobKey("run", req.target, user_id, provider.name, provider.model, provider.dimensions, req.recipe)
     with engine.begin() as conn:
         job = _jobs.find_open(conn, key)
@@ -241,6 +237,10 @@ def run(settings: Settings, req: RunRequest) -> int:
             report.say(f"started job {job.id}: {req.target} with {provider.model} ({provider.dimensions} dimensions)")
         else:
             report.say(f"resuming job {job.id} from its last committed batch")
+        if req.vector_column:  # last: every refusal above comes before this DDL
+            for name in vectors.prepare(conn, target.kind, _targets.specs_for(req.target), req.vector_column,
+                                        provider.dimensions):
+                report.say(f"added column {name}.{req.vector_column} F32_BLOB({provider.dimensions})")
     if req.adopt_existing:
         _adopt(engine, job, provider, req, user_id)
     return _drive(settings, engine, job, provider, req, options)

@@ -59,24 +59,25 @@ def dimensions_of(conn: Connection, spec: targets.Spec, column: str) -> int | No
     return int(found.group(1))
 
 
-def prepare(engine: Engine, kind: str, specs: list[targets.Spec], column: str, dimensions: int) -> list[str]:
-    """Check support and add the column where it is missing; returns the tables it was added to."""
+def prepare(conn: Connection, kind: str, specs: list[targets.Spec], column: str, dimensions: int) -> list[str]:
+    """Check support and every table first, then add the column where it is missing (call it after every other
+    check: libSQL commits DDL at once); returns the tables it was added to."""
     check_backend(kind, column)
     added = []
-    with engine.begin() as conn:
-        try:
-            conn.exec_driver_sql("SELECT vector32('[1]')").scalar()
-        except Exception:  # noqa: BLE001 - the driver's own error type varies
-            raise ConfigError("this libSQL build has no vector functions (vector32): upgrade libSQL/sqld, "
-                              "or drop --vector-column") from None
-        for spec in specs:
-            dims = dimensions_of(conn, spec, column)
-            if dims is None:
-                conn.exec_driver_sql(f"ALTER TABLE {spec.name} ADD COLUMN {column} F32_BLOB({int(dimensions)})")
-                added.append(spec.name)
-            elif dims != dimensions:
-                raise ConfigError(f"{spec.name}.{column} is F32_BLOB({dims}); this job writes {dimensions} "
-                                  "dimensions: use a matching --dimensions or another --vector-column")
+    try:
+        conn.exec_driver_sql("SELECT vector32('[1]')").scalar()
+    except Exception:  # noqa: BLE001 - the driver's own error type varies
+        raise ConfigError("this libSQL build has no vector functions (vector32): upgrade libSQL/sqld, "
+                          "or drop --vector-column") from None
+    for spec in specs:
+        dims = dimensions_of(conn, spec, column)
+        if dims is None:
+            added.append(spec.name)
+        elif dims != dimensions:
+            raise ConfigError(f"{spec.name}.{column} is F32_BLOB({dims}); this job writes {dimensions} "
+                              "dimensions: use a matching --dimensions or another --vector-column")
+    for name in added:
+        conn.exec_driver_sql(f"ALTER TABLE {name} ADD COLUMN {column} F32_BLOB({int(dimensions)})")
     return added
 
 

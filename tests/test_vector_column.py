@@ -75,6 +75,11 @@ def test_vector_column_is_refused_outside_libsql_and_for_a_bad_name(tmp_path, cl
         bad = cli("run", *RUN_ARGS, "--vector-column", "v; DROP TABLE memories", "--log-format", "human",
                   env=env_for(server, lib.url))
         assert bad.code == 2 and "not a plain SQL name" in bad.stderr, bad.output
+        assert cli("migrate", "--database-url", lib.url).code == 0
+        other_dims = cli("run", "--model", "text-embedding-3-small", "--dimensions", "8", "--vector-column", COLUMN,
+                         "--log-format", "human", env=env_for(server, lib.url))
+        assert other_dims.code == 2 and "16 dimensions" in other_dims.stderr, other_dims.output
         assert server.stats()["requests"] == 0
-    with be.engine().connect() as conn:
-        assert COLUMN not in {c["name"] for c in sa.inspect(conn).get_columns("memories")}
+    for engine in (be.engine(), lib.engine()):  # nothing was added: the refusal rolled the DDL back
+        with engine.connect() as conn:
+            assert COLUMN not in {c["name"] for c in sa.inspect(conn).get_columns("memories")}
