@@ -4,8 +4,8 @@
 `ALTER TABLE t ADD COLUMN NAME F32_BLOB(dims)`; the name is the user's, so no migration can know it)
 and writes `vector32(embedding)` for every row of a page, in the page's transaction.
 `backfill index` fills the cells still NULL (vectors embedded before the column existed), then
-builds `libsql_vector_idx` — after the backfill, because maintaining the index during writes is
-hundreds of times slower — and checks that `vector_top_k` finds each probe row's own vector.
+builds `libsql_vector_idx` — after the backfill, because writes into an indexed column are tens of
+times slower (scripts/vector-index-cost) — and checks that `vector_top_k` finds each probe row's own vector.
 
 Only libSQL has these functions: on SQLite or PostgreSQL the options are refused (exit 2).
 """
