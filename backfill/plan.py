@@ -16,7 +16,7 @@ from typing import Callable, Iterator
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from backfill import runner, targets
+from backfill import dedupe, runner, targets
 from backfill.providers.base import PRICES
 
 # A new OpenAI account's embedding limits (tier 1); pass --max-rpm/--max-tpm for yours.
@@ -33,6 +33,7 @@ class TargetPlan:
     tokens: int = 0
     truncated: int = 0
     requests: int = 0
+    copied: int = 0  # rows whose identical text is already embedded, or sent earlier in the run: not sent
 
 
 @dataclass
@@ -74,7 +75,8 @@ class Plan:
 
     def as_dict(self) -> dict:
         out = asdict(self)
-        out.update(rows=self.rows, skipped=sum(t.skipped for t in self.targets.values()), tokens=self.tokens,
+        out.update(rows=self.rows, skipped=sum(t.skipped for t in self.targets.values()),
+                   copied=sum(t.copied for t in self.targets.values()), tokens=self.tokens,
                    truncated=sum(t.truncated for t in self.targets.values()), requests=self.requests,
                    cost_usd=self.cost_usd, eta_s=self.eta_s)
         return out
@@ -125,17 +127,29 @@ def compute(engine: Engine, plan: Plan, options: runner.RunOptions, fit: Fit,
     """Fill `plan` with what a run of `options` would select, send and pay for."""
     cursors = cursors or {}
     budget = [0]
+    provenance = not options.reembed_all and sa.inspect(engine).has_table("backfill_embeddings")  # none before migrate
     for spec in targets.specs_for(options.target):
         tp = plan.targets.setdefault(spec.name, TargetPlan())
+        sent: set[str] = set()  # the runner sends each text once per run (dedupe.py, Runner._in_run_copies)
         for rows in _pages(engine, spec, plan.dimensions, options, cursors.get(spec.name, 0), budget):
-            items = []
+            fitted = []
             for row in rows:
                 text = targets.recipe_text(spec, row._mapping, options.recipe)
                 if not text:
                     tp.skipped += 1
                     continue
                 _cut, count, truncated = fit(text)
-                items.append(runner.Item(spec.name, int(row[0]), "", count, truncated))
+                fitted.append((targets.content_hash(text), runner.Item(spec.name, int(row[0]), "", count, truncated)))
+            known = {} if not provenance else dedupe.known_vectors(
+                engine, spec, [h for h, _ in fitted], model=plan.model, dimensions=plan.dimensions,
+                recipe=options.recipe, user_id=options.user_id)
+            items = []
+            for digest, item in fitted:
+                if digest in known or digest in sent:
+                    tp.copied += 1
+                    continue
+                sent.add(digest)
+                items.append(item)
             tp.rows += len(rows)
             tp.tokens += sum(i.tokens for i in items)
             tp.truncated += sum(1 for i in items if i.truncated)
@@ -155,11 +169,12 @@ def _duration(seconds: float | None) -> str:
 def render(plan: Plan) -> str:
     """The human table."""
     lines = [f"plan: {plan.provider}:{plan.model} ({plan.dimensions} dims), recipe {plan.recipe}",
-             f"  {'target':<10}{'rows':>10}{'skipped':>10}{'tokens':>14}{'truncated':>11}{'requests':>10}"]
+             f"  {'target':<10}{'rows':>10}{'skipped':>10}{'copied':>10}{'tokens':>14}{'truncated':>11}{'requests':>10}"]
     for name, t in plan.targets.items():
-        lines.append(f"  {name:<10}{t.rows:>10,}{t.skipped:>10,}{t.tokens:>14,}{t.truncated:>11,}{t.requests:>10,}")
+        lines.append(f"  {name:<10}{t.rows:>10,}{t.skipped:>10,}{t.copied:>10,}{t.tokens:>14,}{t.truncated:>11,}"
+                     f"{t.requests:>10,}")
     total = plan.as_dict()
-    lines.append(f"  {'total':<10}{total['rows']:>10,}{total['skipped']:>10,}{total['tokens']:>14,}"
+    lines.append(f"  {'total':<10}{total['rows']:>10,}{total['skipped']:>10,}{total['copied']:>10,}{total['tokens']:>14,}"
                  f"{total['truncated']:>11,}{total['requests']:>10,}")
     price = {"table": "price table", "--price-per-mtok": "--price-per-mtok", "local": "the local model is free",
              "unknown": "model not in the price table: pass --price-per-mtok"}[plan.price_source]

@@ -25,7 +25,7 @@ from typing import Any, Iterator, Sequence
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from backfill import jobs, targets
+from backfill import dedupe, jobs, stale, targets, vectors
 from backfill.errors import ConfigError
 from backfill.providers.base import BadInput, FatalProviderError, Provider, ProviderError
 from backfill.schema import backfill_embeddings
@@ -61,6 +61,9 @@ class RunOptions:
     max_runtime_s: float | None = None
     recipe: str = targets.DEFAULT_RECIPE
     reembed_all: bool = False
+    reembed_stale: bool = False  # also re-embed rows whose vector is stale (stale.py)
+    model: str | None = None  # the job's model: the reference for --reembed-stale counts
+    vector_column: str | None = None  # libSQL F32_BLOB column written beside the JSON (vectors.py)
 
     @property
     def page_size(self) -> int:
@@ -85,6 +88,10 @@ class PageResult:
     encoded: dict[int, str] = field(default_factory=dict)  # vectors as stored text, made off the writer thread
     tokens: int = 0
     requests: int = 0
+    copies: dict[int, int] = field(default_factory=dict)  # row -> row with the identical text (dedupe.py)
+    tokens_saved: int = 0
+    cross: dict[int, tuple["PageResult", int]] = field(default_factory=dict)  # row -> (earlier page, its row)
+    sent_hashes: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -100,6 +107,7 @@ class Outcome:
     tokens: int = 0
     cost_usd: float = 0.0
     elapsed_s: float = 0.0
+    tokens_saved: int = 0
     failed_ids: list[tuple[str, int]] = field(default_factory=list)
 
 
@@ -154,6 +162,9 @@ def needing(spec: targets.Spec, dialect: str, dimensions: int, options: RunOptio
 
 
 def count_remaining(conn: Connection, spec: targets.Spec, dimensions: int, options: RunOptions, after: int) -> int:
+    if options.reembed_stale and not options.reembed_all:
+        ref = stale.Reference(options.model, dimensions, options.recipe)
+        return stale.remaining(conn, spec, ref, options.user_id, after)
     q = sa.select(sa.func.count()).select_from(spec.table).where(
         spec.key > after, needing(spec, conn.dialect.name, dimensions, options), *scope(spec, options.user_id))
     return int(conn.execute(q).scalar() or 0)
@@ -176,9 +187,13 @@ class Runner:
         self._request_lock = threading.Lock()
         self.job_elapsed_committed = 0.0
         self._queued = 0  # rows selected so far (ahead of what has committed)
+        self._in_flight_texts: dict[str, tuple[PageResult, int]] = {}  # text hash -> (uncommitted page, row)
 
     # --- enumerate ------------------------------------------------------------------------
     def _pages(self, spec: targets.Spec, cursor: int) -> Iterator[list[sa.Row]]:
+        if self.options.reembed_stale and not self.options.reembed_all:
+            yield from stale.pages(self, spec, cursor)
+            return
         while not self.stop.reason:
             size = self.options.page_size
             if self.options.limit is not None:
@@ -224,8 +239,8 @@ class Runner:
             if not text:
                 result.skipped[row_id] = "blank text: nothing to embed"
                 continue
+            result.texts[row_id] = text  # provenance hashes the full recipe text (stale.py recomputes it)
             text, count, cut = self.provider.fit(text)
-            result.texts[row_id] = text
             items.append(Item(spec.name, row_id, text, count, cut))
         return items
 
@@ -261,16 +276,53 @@ class Runner:
         return [(i, v, None) for i, v in zip(items, got.vectors)], got.tokens, got.requests
 
     def _embed_page(self, pool: ThreadPoolExecutor, spec: targets.Spec, rows: list[sa.Row]) -> PageResult:
-        return self._collect(*self._submit(pool, spec, rows))
+        result = self._collect(*self._submit(pool, spec, rows))
+        self._settle(result)
+        return result
 
     def _submit(self, pool: ThreadPoolExecutor, spec: targets.Spec, rows: list[sa.Row]) -> tuple[PageResult, Future]:
-        """Queue a page on the pool: recipe texts and tokens, then its requests, all off the writer thread."""
+        """Build a page's texts (dedupe needs the database, so here on the writer thread) and queue its requests."""
         result = PageResult()
+        items = dedupe.reduce(self.engine, spec, self._items(spec, rows, result), result, model=self.provider.model,
+                              dimensions=self.job.dimensions, recipe=self.options.recipe, user_id=self.options.user_id,
+                              across_jobs=not self.options.reembed_all)
+        prepared: Future = Future()
+        prepared.set_result([pool.submit(self._send, req) for req in self._requests(self._in_run_copies(items, result))])
+        return result, prepared
 
-        def prepare() -> list[Future]:
-            return [pool.submit(self._send, req) for req in self._requests(self._items(spec, rows, result))]
+    def _in_run_copies(self, items: list[Item], result: PageResult) -> list[Item]:
+        """A text already sent by an earlier page of this run that has not committed yet (so the
+        provenance lookup cannot see it) is not sent again: the row takes that page's vector at commit."""
+        send = []
+        for item in items:
+            digest = targets.content_hash(result.texts[item.row_id])
+            source = self._in_flight_texts.get(digest)
+            if source is not None and source[0] is not result:
+                result.cross[item.row_id] = source
+                result.tokens_saved += item.tokens
+                continue
+            self._in_flight_texts.setdefault(digest, (result, item.row_id))
+            result.sent_hashes.append(digest)
+            send.append(item)
+        return send
 
-        return result, pool.submit(prepare)
+    def _settle(self, result: PageResult) -> None:
+        """Before a page commits: rows copied from an earlier page of this run take its vector (or its error),
+        then rows copied within the page take theirs."""
+        for row_id, (source, source_row) in result.cross.items():
+            if source_row in source.vectors:
+                result.vectors[row_id] = source.vectors[source_row]
+                if source_row in source.encoded:
+                    result.encoded[row_id] = source.encoded[source_row]
+            else:
+                result.failures[row_id] = source.failures.get(source_row, "its identical text failed")
+        dedupe.spread(result)  # after the above: a row copied within the page may copy one copied from an earlier page
+
+    def _forget(self, result: PageResult) -> None:
+        """After a page commits its texts are in the provenance table, where later pages find them."""
+        for digest in result.sent_hashes:
+            if self._in_flight_texts.get(digest, (None,))[0] is result:
+                del self._in_flight_texts[digest]
 
     def _send(self, items: list[Item]) -> tuple[list[tuple[Item, list[float] | None, str | None]], int, int, dict[int, str]]:
         outcomes, used, requests = self._embed(items)
@@ -318,7 +370,7 @@ class Runner:
         with self.engine.begin() as conn:
             deltas: dict[str, float] = dict(
                 embedded=len(result.vectors), batches=1, requests=result.requests, tokens=result.tokens,
-                cost_usd=cost, elapsed_s=elapsed - self.job_elapsed_committed)
+                cost_usd=cost, elapsed_s=elapsed - self.job_elapsed_committed, tokens_saved=result.tokens_saved)
             if retry:
                 deltas["failed"] = -len(result.vectors)  # recorded failures that now succeeded
             else:
@@ -332,6 +384,8 @@ class Runner:
                     spec.table.update().where(*cond).values(embedding=sa.bindparam("e")),
                     [{"k": rid, "e": result.encoded.get(rid) or encode_vector(vec)} for rid, vec in result.vectors.items()],
                 )
+                if self.options.vector_column:
+                    vectors.write(conn, spec, self.options.vector_column, list(result.vectors))
                 self._provenance(conn, spec, result, stamp)
             jobs.upsert_failures(conn, self.job.id, [
                 *({"target": spec.name, "row_id": rid, "kind": "failed", "error": err[:1000]}
@@ -372,6 +426,7 @@ class Runner:
         o.embedded += len(result.vectors)
         o.batches += 1
         o.tokens += result.tokens
+        o.tokens_saved += result.tokens_saved
         o.cost_usd += result.tokens * self.provider.price_per_mtok / 1_000_000
         o.failed_ids.extend((spec.name, rid) for rid in result.failures)
         self.progress.batch(self, spec.name, rows, result, cursor)
@@ -409,8 +464,10 @@ class Runner:
         """Commit the oldest page in flight: its rows are the next ones in key order."""
         rows, result, prepared = inflight.popleft()
         self._collect(result, prepared)
+        self._settle(result)
         cursors[spec.name] = int(rows[-1][0])
         self._commit(spec, rows, result, cursors, retry=False)
+        self._forget(result)
         self._account(spec, rows, result, cursors[spec.name])
         self._check_stop()
 
@@ -424,6 +481,7 @@ class Runner:
                 for rows in self.pages_for_retry(spec, ids):
                     result = self._embed_page(pool, spec, rows)
                     self._commit(spec, rows, result, None, retry=True)
+                    self._forget(result)
                     self._account(spec, rows, result, None)
                     self._check_stop()
                 if self.stop.reason:

@@ -39,7 +39,7 @@ def test_plan_tokens_equal_the_servers_count_and_cost_is_tokens_times_price(tmp_
         seen = server.stats()
     assert seen["tokens_embedded"] == p["tokens"]
     assert seen["by_status"] == {"200": p["requests"]}
-    assert seen["inputs_embedded"] == p["rows"] - p["skipped"]
+    assert seen["inputs_embedded"] == p["rows"] - p["skipped"] - p["copied"]  # identical texts are sent once
     job = _jobs(engine)[-1]
     assert job["tokens"] == p["tokens"] and job["requests"] == p["requests"]
     assert job["cost_usd"] == pytest.approx(p["tokens"] * PRICE / 1_000_000, rel=1e-9)
