@@ -35,11 +35,12 @@ def test_migrate_creates_verify_passes_second_run_is_noop(backend, cli):
     assert json.loads(first.stdout.splitlines()[-1])["action"] == "created"
     with backend.engine().connect() as conn:
         tables = set(sa.inspect(conn).get_table_names())
-        assert {"alembic_version", "backfill_jobs", "backfill_failures", "backfill_embeddings"} <= tables
+        assert {"alembic_version", "backfill_jobs", "backfill_failures", "backfill_embeddings", "backfill_batches",
+                "backfill_batch_chunks"} <= tables
         assert DATA_TABLE_NAMES <= tables
-        assert conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar() == "0002"
+        assert conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar() == "0003"
     ok = cli("verify", "--database-url", backend.url, "--log-format", "human")
-    assert ok.code == 0 and "schema OK at 0002" in ok.stdout, ok.output
+    assert ok.code == 0 and "schema OK at 0003" in ok.stdout, ok.output
     again = cli("migrate", "--database-url", backend.url, "--log-format", "human")
     assert again.code == 0 and "already at head" in again.stdout
 
@@ -103,7 +104,7 @@ def test_alembic_command_line_works_on_the_same_database(tmp_path, cli):
     assert up.returncode == 0, up.stderr
     cur = subprocess.run([sys.executable, "-m", "alembic", "current"], cwd=ROOT, env=full,
                          capture_output=True, text=True)
-    assert cur.returncode == 0 and "0002 (head)" in cur.stdout, cur.stdout + cur.stderr
+    assert cur.returncode == 0 and "0003 (head)" in cur.stdout, cur.stdout + cur.stderr
     assert cli("verify", "--log-format", "human", env=env).code == 0
     result = cli("migrate", env=env)
     assert json.loads(result.stdout.splitlines()[-1])["action"] == "at-head"
