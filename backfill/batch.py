@@ -9,8 +9,9 @@ and resumed never uploads, nor pays for, the same row twice:
     uploaded   the input file's id is recorded
                `submit_started_at`: a resume first looks for a batch made from that file
     submitted  the remote batch's id is recorded; polled until it ends
-    collected  every result line written: a chunk's embeddings, provenance, failure rows and the
-               job's counters in ONE transaction, once (the chunk's state is checked), so reading
+    collected  result lines written a group of whole request lines (about 1,000 rows) at a time:
+               their embeddings, provenance, failure rows, states and the job's counters in ONE
+               transaction; a line already written is skipped (its state is checked), so reading
                an output file again after a kill is harmless
 
 Files hold at most 50,000 request lines and 200 MB; a line is one embeddings request of up to
@@ -217,7 +218,10 @@ class BatchRunner:
                     skipped.append((spec.name, rid))
                     cursor = rid
                     continue
-                text, count, _cut = self.provider.fit(text)
+                size_bytes = len(text.encode("utf-8", "surrogatepass"))
+                # an upper bound of the tokens sent (a token is at least one byte; fit() caps each input):
+                # the exact count is taken when the file is built, so planning never tokenizes
+                count = min(size_bytes, self.provider.max_input_tokens or size_bytes)
                 if current and (len(current) >= self.cap or used + count > _runner.MAX_REQUEST_TOKENS):
                     chunks.append((spec.name, current, used))
                     current, used = [], 0
@@ -226,7 +230,7 @@ class BatchRunner:
                         break
                 current.append(rid)
                 used += count
-                added += len(text.encode("utf-8", "surrogatepass")) + 16
+                added += size_bytes + 16
                 cursor = rid
             else:
                 continue
@@ -334,15 +338,21 @@ class BatchRunner:
         for file_id in (remote.output_file_id, remote.error_file_id):
             if not file_id:
                 continue
+            group: list[dict[str, Any]] = []
             for line in self.api.lines(file_id):
                 if self.stop.signalled:
-                    return  # resumes here: written chunks are skipped
+                    return  # a resume reads the file again; written chunks are skipped
                 try:
                     obj = json.loads(line)
                 except ValueError:
                     continue
                 if isinstance(obj, dict):
-                    self._write_line(b, obj)
+                    group.append(obj)
+                if len(group) >= self._group_lines:
+                    self._write_lines(b, group)
+                    group = []
+            if group:
+                self._write_lines(b, group)
         why = {
             "completed": "the batch returned no result for this request",
             "expired": "the batch expired before this request ran",
@@ -367,44 +377,62 @@ class BatchRunner:
         report.event("batch_collected", job=self.job.id, file=b["id"], batch_id=remote.id, status=remote.status,
                      unanswered_rows=len(failed))
 
-    def _write_line(self, b: dict[str, Any], obj: dict[str, Any]) -> None:
-        """One result line: its chunk's vectors (checked like the sync path) or its failure rows,
-        the provenance and the job's counters, in one transaction; a chunk already written is skipped."""
-        result = _runner.PageResult()
+    @property
+    def _group_lines(self) -> int:
+        """Result lines per transaction: whole request lines, about 1,000 rows (or one sync page if larger)."""
+        return max(1, max(self.options.page_size, 1000) // self.cap)
+
+    def _write_lines(self, b: dict[str, Any], objs: list[dict[str, Any]]) -> None:
+        """Result lines: each chunk's vectors (checked like the sync path) or its failure rows, their
+        provenance and the job's counters, in one transaction; a chunk already written is skipped."""
+        results: dict[str, _runner.PageResult] = {}
+        hashes: dict[str, dict[int, str]] = {}
         with self.engine.begin() as conn:
-            ch = conn.execute(sa.select(chunks_t).where(chunks_t.c.custom_id == str(obj.get("custom_id")),
-                                                        chunks_t.c.batch_id == b["id"])).mappings().one_or_none()
-            if ch is None or ch["state"] != "planned":
-                return
-            ids = json.loads(ch["row_ids"])
-            hashes = json.loads(ch["content_hashes"] or "[]")
-            vectors, error, tokens = _parse_line(obj, len(ids), self.job.dimensions)
-            tokens = tokens if tokens is not None else int(ch["tokens"])
-            changed = conn.execute(chunks_t.update().where(chunks_t.c.id == ch["id"], chunks_t.c.state == "planned")
-                                   .values(state="written" if vectors else "failed", updated_at=jobs.now_iso())).rowcount
-            if changed != 1:
-                raise BackfillError(f"request line {ch['custom_id']} changed under this worker; stopping")
-            spec = targets.SPECS[ch["target"]]
-            if vectors:
-                result.vectors = dict(zip(ids, vectors))
-                result.tokens = tokens
-                self._write_vectors(conn, spec, result.vectors, dict(zip(ids, hashes)))
-            else:
-                result.failures = {rid: error or "unknown error" for rid in ids}
+            chunks = {ch["custom_id"]: ch for ch in conn.execute(
+                sa.select(chunks_t).where(chunks_t.c.batch_id == b["id"], chunks_t.c.state == "planned",
+                                          chunks_t.c.custom_id.in_([str(o.get("custom_id")) for o in objs]))
+            ).mappings()}
+            for obj in objs:
+                ch = chunks.pop(str(obj.get("custom_id")), None)
+                if ch is None:  # written before a kill, or not ours
+                    continue
+                ids = json.loads(ch["row_ids"])
+                vectors, error, tokens = _parse_line(obj, len(ids), self.job.dimensions)
+                changed = conn.execute(chunks_t.update().where(chunks_t.c.id == ch["id"], chunks_t.c.state == "planned")
+                                       .values(state="written" if vectors else "failed",
+                                               updated_at=jobs.now_iso())).rowcount
+                if changed != 1:
+                    raise BackfillError(f"request line {ch['custom_id']} changed under this worker; stopping")
+                result = results.setdefault(ch["target"], _runner.PageResult())
+                result.requests += 1
+                if vectors:
+                    result.vectors.update(zip(ids, vectors))
+                    hashes.setdefault(ch["target"], {}).update(zip(ids, json.loads(ch["content_hashes"] or "[]")))
+                    result.tokens += tokens if tokens is not None else int(ch["tokens"])
+                else:
+                    result.failures.update((rid, error or "unknown error") for rid in ids)
+            for target, result in results.items():
+                spec = targets.SPECS[target]
+                if result.vectors:
+                    self._write_vectors(conn, spec, result.vectors, hashes[target])
                 jobs.upsert_failures(conn, self.job.id, [
-                    {"target": spec.name, "row_id": rid, "kind": "failed", "error": err[:1000]}
+                    {"target": target, "row_id": rid, "kind": "failed", "error": err[:1000]}
                     for rid, err in result.failures.items()])
-            cost = result.tokens * self.provider.price_per_mtok * PRICE_FACTOR / 1_000_000
-            jobs.advance(conn, self.job.id, self.worker, embedded=len(result.vectors), failed=len(result.failures),
-                         batches=1, requests=1, tokens=result.tokens, cost_usd=cost, **self._elapsed())
+            tokens = sum(r.tokens for r in results.values())
+            cost = tokens * self.provider.price_per_mtok * PRICE_FACTOR / 1_000_000
+            jobs.advance(conn, self.job.id, self.worker, embedded=sum(len(r.vectors) for r in results.values()),
+                         failed=sum(len(r.failures) for r in results.values()), batches=1 if results else 0,
+                         requests=sum(r.requests for r in results.values()), tokens=tokens, cost_usd=cost,
+                         **self._elapsed())
         o = self.outcome
-        o.embedded += len(result.vectors)
-        o.failed += len(result.failures)
-        o.batches += 1
-        o.tokens += result.tokens
+        o.batches += 1 if results else 0
         o.cost_usd += cost
-        o.failed_ids.extend((spec.name, rid) for rid in result.failures)
-        self.progress.batch(self, spec.name, ids, result, None)
+        for target, result in results.items():
+            o.embedded += len(result.vectors)
+            o.failed += len(result.failures)
+            o.tokens += result.tokens
+            o.failed_ids.extend((target, rid) for rid in result.failures)
+            self.progress.batch(self, target, list(result.vectors) + list(result.failures), result, None)
 
     def _write_vectors(self, conn: Connection, spec: targets.Spec, vectors: dict[int, list[float]],
                        hashes: dict[int, str]) -> None:

@@ -74,9 +74,9 @@ def _counters_match_rows(engine: sa.Engine) -> None:
 def test_sigkill_during_upload_create_polling_and_writing_then_resume_sends_every_row_once(tmp_path, cli):
     be = make_backend("sqlite", tmp_path)
     engine = be.engine()
-    build(engine, memories=11_000, entities=2_000, seed=5)
-    with engine.begin() as conn:  # more rows to do: every second memory loses its vector
-        conn.exec_driver_sql("UPDATE memories SET embedding = NULL WHERE id % 2 = 0")
+    build(engine, memories=10_500, entities=500, seed=5)
+    with engine.begin() as conn:  # more rows to do: all but every 20th memory lose their vectors
+        conn.exec_driver_sql("UPDATE memories SET embedding = NULL WHERE id % 20 <> 0")
     todo = needing(engine)
     blank = _blank(engine, todo)  # nothing to embed under the recipe: recorded as skipped, never sent
     rows = todo - blank
