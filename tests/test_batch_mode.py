@@ -143,3 +143,109 @@ def test_sigkill_during_upload_create_polling_and_writing_then_resume_sends_ever
     assert ids[0] == ids[1] == ids[2] == stats["files_uploaded"] == stats["batches_created"]
     _counters_match_rows(engine)
     assert {t: checksum_other_columns(engine, t) for t in ("memories", "entities")} == before
+
+
+def _job(engine: sa.Engine) -> dict:
+    with engine.connect() as conn:
+        return dict(conn.exec_driver_sql("SELECT * FROM backfill_jobs ORDER BY id DESC LIMIT 1").mappings().one())
+
+
+@pytest.mark.parametrize("kind", ["libsql", "postgresql"])  # the other tests here use stdlib SQLite
+def test_failed_lines_become_failure_rows_and_retry_failed_resends_only_them(kind, tmp_path, cli):
+    backend = make_backend(kind, tmp_path)
+    engine = backend.engine()
+    build(engine, memories=150, entities=40)
+    todo = needing(engine)
+    rows = todo - _blank(engine, todo)
+    with engine.connect() as conn:  # reject one memory's text: its whole request line fails
+        victim = min(i for t, i in rows if t == "memories")
+        row = conn.exec_driver_sql(f"SELECT id, title, content, memory_type, tags FROM memories WHERE id = {victim}")
+        bad = expected_text("memories", row.mappings().one())
+    with FakeOpenAI(fail_inputs=[bad]) as server:
+        env = env_for(server, backend.url)
+        assert cli("migrate", env=env).code == 0
+        first = cli("run", *RUN_ARGS, *BATCH, "-b", "10", "--batch-file-lines", "4", env=env)
+        assert first.code == 3, first.output[-2000:]
+        with engine.connect() as conn:
+            failed = set(conn.exec_driver_sql(
+                "SELECT target, row_id FROM backfill_failures WHERE kind = 'failed' AND NOT resolved").all())
+            line = conn.exec_driver_sql("SELECT row_ids FROM backfill_batch_chunks WHERE state = 'failed'").scalars().all()
+        assert len(line) == 1 and failed == {("memories", i) for i in json.loads(line[0])} and ("memories", victim) in failed
+        assert needing(engine) - _blank(engine, todo) == failed  # every other row holds its vector
+        assert assert_vectors_match_recipe(engine, rows - failed) == len(rows - failed)
+        assert server.batches.stats()["uploaded_inputs"] == len(rows)
+        server.configure(fail_inputs=[])
+        retry = cli("retry-failed", env=env)
+        assert retry.code == 0, retry.output[-2000:]
+        assert server.stats()["inputs_embedded"] == len(failed)  # only the failed rows, through the sync API
+    assert assert_vectors_match_recipe(engine, rows) == len(rows)
+    job = _job(engine)
+    assert (job["status"], job["embedded"], job["failed"]) == ("done", len(rows), 0)
+
+
+def test_run_returns_while_batches_wait_and_status_collects_them_when_done(tmp_path, cli):
+    be = make_backend("sqlite", tmp_path)
+    engine = be.engine()
+    build(engine, memories=120, entities=30)
+    todo = needing(engine)
+    rows = todo - _blank(engine, todo)
+    with FakeOpenAI() as server:
+        server.batches.configure(hold=True)
+        env = env_for(server, be.url)
+        assert cli("migrate", env=env).code == 0
+        first = cli("run", *RUN_ARGS, *BATCH, "-b", "25", "--max-runtime", "1", env=env)
+        assert first.code == 0, first.output[-2000:]
+        assert _job(engine)["status"] == "interrupted" and needing(engine) == todo  # nothing written yet
+        mixed = cli("run", *RUN_ARGS, "--log-format", "human", env=env)  # a sync run may not take the batch job over
+        assert mixed.code == 2 and "job 1 is open in batch mode" in mixed.stderr and "backfill resume 1" in mixed.stderr
+        waiting = cli("status", "--json", env=env)
+        view = json.loads(waiting.stdout.splitlines()[-1])
+        assert view["batch_api"]["rows_waiting"] == len(rows)
+        assert [f["state"] for f in view["batch_api"]["files"]] == ["submitted"]
+        assert view["batch_api"]["files"][0]["remote_batch_id"] and view["batch_api"]["files"][0]["input_file_id"]
+        assert server.batches.complete_batches() == 1
+        done = cli("status", "--log-format", "human", env=env)
+        assert done.code == 0 and "batch api  files: 1 collected" in done.stdout, done.output[-2000:]
+        assert server.batches.stats()["uploaded_inputs"] == len(rows)
+    assert assert_vectors_match_recipe(engine, rows) == len(rows)
+    job = _job(engine)
+    assert (job["status"], job["embedded"], job["failed"], job["worker_id"]) == ("done", len(rows), 0, None)
+
+
+def test_cancel_cancels_the_remote_batches(tmp_path, cli):
+    be = make_backend("sqlite", tmp_path)
+    engine = be.engine()
+    build(engine, memories=120, entities=30)
+    with FakeOpenAI() as server:
+        server.batches.configure(hold=True)
+        env = env_for(server, be.url)
+        assert cli("migrate", env=env).code == 0
+        assert cli("run", *RUN_ARGS, *BATCH, "-b", "10", "--batch-file-lines", "5", "--max-runtime", "1",
+                   env=env).code == 0
+        files = server.batches.stats()["batches_created"]
+        assert files >= 2
+        result = cli("cancel", str(_job(engine)["id"]), "--log-format", "human", env=env)
+        assert result.code == 0 and f"cancelled {files} batch(es) at the provider" in result.stdout, result.output
+        assert server.batches.stats()["cancels"] == files
+    with engine.connect() as conn:
+        states = conn.exec_driver_sql("SELECT DISTINCT state, remote_status FROM backfill_batches").all()
+    assert states == [("cancelled", "cancelling")] and _job(engine)["status"] == "cancelled"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--mode", "batch", "--provider", "local"], "--mode batch needs --provider openai"),
+    (["--mode", "fast"], "--mode must be one of sync, batch"),
+    (["--mode", "batch", "--batch-file-lines", "50001"], "--batch-file-lines must be between 1 and 50000"),
+    (["--mode", "batch", "--poll-interval", "0"], "--poll-interval must be > 0 seconds"),
+])
+def test_bad_batch_options_are_refused_before_any_work(tmp_path, args, message):
+    from typer.testing import CliRunner
+
+    from backfill.cli import app
+
+    db = tmp_path / "never.db"
+    result = CliRunner().invoke(app, ["run", "--database-url", str(db), *args, "--log-format", "human"],
+                                env={"OPENAI_API_KEY": "sk-test-not-a-real-key"})
+    assert result.exit_code == 2 and result.stderr.startswith(f"error: {message}"), result.output
+    assert len(result.stderr.splitlines()) == 1
+    assert not db.exists()
