@@ -270,8 +270,8 @@ class BatchRunner:
             remote = self.api.find_batch(b["name"], b["input_file_id"]) if b["submit_started_at"] else None
             if remote is None:
                 b = self._set(b, "uploaded", submit_started_at=jobs.now_iso())
-                remote = self.api.create(b["input_file_id"], {"backfill_file": b["name"],
-                                                              "backfill_job": str(self.job.id)})
+                remote = self.api.create(b["name"], b["input_file_id"], {"backfill_file": b["name"],
+                                                                         "backfill_job": str(self.job.id)})
             self._set(b, "uploaded", state="submitted", remote_batch_id=remote.id, remote_status=remote.status)
             report.event("batch_submitted", job=self.job.id, file=b["id"], batch_id=remote.id, status=remote.status)
 

@@ -34,7 +34,15 @@ class BatchApi:
 
     # --- the calls ------------------------------------------------------------------------
     def upload(self, name: str, content: IO[bytes]) -> str:
+        """Upload once: a retry first looks for the file (a timed-out upload may have been stored)."""
+        tries = 0
+
         def once() -> str:
+            nonlocal tries
+            tries += 1
+            found = self.find_file(name) if tries > 1 else None
+            if found:
+                return found
             content.seek(0)
             return self._client.files.create(file=(name, content, "application/jsonl"), purpose="batch").id
 
@@ -56,9 +64,18 @@ class BatchApi:
             after = page.data[-1].id
         return None
 
-    def create(self, input_file_id: str, metadata: dict[str, str]) -> Any:
-        return self._call("create batch", lambda: self._client.batches.create(
-            input_file_id=input_file_id, endpoint=ENDPOINT, completion_window="24h", metadata=metadata))
+    def create(self, name: str, input_file_id: str, metadata: dict[str, str]) -> Any:
+        """Create once: a retry first looks for a batch made from the file (a timed-out create may have run)."""
+        tries = 0
+
+        def once() -> Any:
+            nonlocal tries
+            tries += 1
+            found = self.find_batch(name, input_file_id) if tries > 1 else None
+            return found or self._client.batches.create(
+                input_file_id=input_file_id, endpoint=ENDPOINT, completion_window="24h", metadata=metadata)
+
+        return self._call("create batch", once)
 
     def find_batch(self, name: str, input_file_id: str) -> Any | None:
         """A batch made from this file (a killed run's create), or None."""

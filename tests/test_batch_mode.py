@@ -249,3 +249,22 @@ def test_bad_batch_options_are_refused_before_any_work(tmp_path, args, message):
     assert result.exit_code == 2 and result.stderr.startswith(f"error: {message}"), result.output
     assert len(result.stderr.splitlines()) == 1
     assert not db.exists()
+
+
+def test_an_upload_or_create_that_times_out_is_found_on_retry_not_repeated(tmp_path, cli):
+    be = make_backend("sqlite", tmp_path)
+    engine = be.engine()
+    build(engine, memories=80, entities=20)
+    todo = needing(engine)
+    rows = todo - _blank(engine, todo)
+    with FakeOpenAI() as server:
+        # the server stores the file / creates the batch, then answers after the client gave up
+        server.batches.configure(upload_delay_s=2.5, create_delay_s=2.5, polls_to_complete=1)
+        env = env_for(server, be.url)
+        assert cli("migrate", env=env).code == 0
+        result = cli("run", *RUN_ARGS, *BATCH, "-b", "50", "--timeout", "1", env=env)
+        assert result.code == 0, result.output[-2000:]
+        stats = server.batches.stats()
+    assert stats["files_uploaded"] == stats["batches_created"] == 1
+    assert stats["uploaded_inputs"] == stats["billed_inputs"] == len(rows)
+    assert assert_vectors_match_recipe(engine, rows) == len(rows)

@@ -30,6 +30,9 @@ Order in which an embeddings request is judged (first match wins):
 Requests that got no HTTP response at all (``reset``, ``hang``, or a stop
 during the sleep) are logged with ``status`` 0.
 
+Files and Batch APIs (``/v1/files``, ``/v1/batches``): see :class:`FakeBatches`
+(``FakeOpenAI.batches``), with a fast-forward switch and upload/billing counters.
+
 Run ``python -m backfill.testing.fake_openai --help`` for the command line.
 """
 
