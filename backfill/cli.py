@@ -6,6 +6,8 @@ worker · 130 interrupted (resumable) · 70 internal error (a bug; rerun with --
 
 from __future__ import annotations
 
+import signal
+
 from typing import Annotated, Callable, Optional
 
 import typer
@@ -28,6 +30,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",  # so help text may say [default: …] and `code`
 )
 
 DatabaseUrl = Annotated[
@@ -306,5 +309,10 @@ def sample_db(
              lambda s: commands.sample_db(s, memories=memories, entities=entities, dimensions=dimensions, seed=seed))
 
 
+def _terminate(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt  # SIGTERM before the run loop takes over: clean up and exit 130 like Ctrl-C
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, _terminate)
     app()
