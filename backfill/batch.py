@@ -494,11 +494,9 @@ class BatchRunner:
 
     def _count_waiting_rows(self) -> None:
         with self.engine.connect() as conn:
-            waiting = conn.execute(
-                sa.select(chunks_t.c.row_ids).join(batches_t, batches_t.c.id == chunks_t.c.batch_id)
-                .where(batches_t.c.job_id == self.job.id, chunks_t.c.state == "planned")).scalars().all()
+            waiting = rows_waiting(conn, self.job.id)
         if self.progress is not None and hasattr(self.progress, "total"):
-            self.progress.total += sum(len(json.loads(r)) for r in waiting)
+            self.progress.total += waiting
 
     def _pause(self, seconds: float) -> None:
         deadline = time.monotonic() + seconds
@@ -544,13 +542,20 @@ def summary(conn: Connection, job_id: int) -> dict[str, Any]:
         sa.select(batches_t.c.id, batches_t.c.name, batches_t.c.state, batches_t.c.lines, batches_t.c.rows,
                   batches_t.c.input_file_id, batches_t.c.remote_batch_id, batches_t.c.remote_status)
         .where(batches_t.c.job_id == job_id).order_by(batches_t.c.id)).mappings()]
-    waiting = conn.execute(
-        sa.select(chunks_t.c.row_ids).join(batches_t, batches_t.c.id == chunks_t.c.batch_id)
-        .where(batches_t.c.job_id == job_id, chunks_t.c.state == "planned")).scalars().all()
     by_state: dict[str, int] = {}
     for f in files:
         by_state[f["state"]] = by_state.get(f["state"], 0) + 1
-    return {"files": files, "by_state": by_state, "rows_waiting": sum(len(json.loads(r)) for r in waiting)}
+    return {"files": files, "by_state": by_state, "rows_waiting": rows_waiting(conn, job_id)}
+
+
+def rows_waiting(conn: Connection, job_id: int) -> int:
+    """Rows in request lines sent (or about to be) and not yet written, counted in SQL."""
+    ids = chunks_t.c.row_ids
+    length = sa.func.json_array_length(sa.cast(ids, sa.JSON) if conn.dialect.name == "postgresql" else ids)
+    return int(conn.execute(
+        sa.select(sa.func.coalesce(sa.func.sum(length), 0)).select_from(chunks_t)
+        .join(batches_t, batches_t.c.id == chunks_t.c.batch_id)
+        .where(batches_t.c.job_id == job_id, chunks_t.c.state == "planned")).scalar() or 0)
 
 
 class _Quiet:

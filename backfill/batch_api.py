@@ -8,10 +8,15 @@ is recorded before it is sent, so nothing is lost or paid twice.
 
 from __future__ import annotations
 
-import tempfile
+import time
 from typing import IO, Any, Callable, Iterator
 
 import openai
+
+try:  # the openai SDK's HTTP client: httpx2 in openai 3.x, httpx before
+    import httpx2 as httpx
+except ImportError:  # pragma: no cover
+    import httpx  # type: ignore[no-redef]
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt
 
 from backfill.config import Secret
@@ -100,23 +105,23 @@ class BatchApi:
         return self._call("cancel batch", lambda: self._client.batches.cancel(batch_id), retries=0)
 
     def lines(self, file_id: str) -> Iterator[str]:
-        """The lines of a result file, spooled to disk first (memory stays bounded)."""
-        spool = tempfile.SpooledTemporaryFile(max_size=8 * 1024 * 1024)
-
-        def once() -> None:
-            spool.seek(0)
-            spool.truncate()
-            with self._client.files.with_streaming_response.content(file_id) as response:
-                for chunk in response.iter_bytes():
-                    spool.write(chunk)
-
-        self._call("download " + file_id, once)
-        spool.seek(0)
-        with spool:
-            for raw in spool:
-                line = raw.decode("utf-8", "surrogatepass").strip()
-                if line:
-                    yield line
+        """Stream the lines of a result file (nothing is held in memory or on disk). A download cut
+        off midway starts again from the first line: the caller skips lines it has already written."""
+        for attempt in range(self._retries + 1):
+            try:
+                with self._client.files.with_streaming_response.content(file_id) as response:
+                    for line in response.iter_lines():
+                        if line.strip():
+                            yield line
+                return
+            except (openai.OpenAIError, httpx.HTTPError, OSError, ValueError) as exc:  # incl. a cut mid-stream
+                error = _as_provider_error(exc, "download " + file_id)
+                if not error.retryable or attempt >= self._retries:
+                    if isinstance(error, FatalProviderError):
+                        raise error from None
+                    raise FatalProviderError(f"batch API: download {file_id} failed: {error}", error.status) from None
+                time.sleep(error.retry_after if error.retry_after is not None
+                           else self._backoff[min(attempt, len(self._backoff) - 1)])
 
     # --- retries and errors ---------------------------------------------------------------
     def _wait(self, state: RetryCallState) -> float:
@@ -143,19 +148,33 @@ class BatchApi:
 def _typed(what: str, fn: Callable[[], Any]) -> Any:
     try:
         return fn()
+    except (openai.OpenAIError, ValueError) as exc:
+        raise _as_provider_error(exc, what) from None
+
+
+def _as_provider_error(exc: BaseException, what: str) -> ProviderError:
+    """The SDK's exceptions as typed provider errors (retryable or not); a transport error is retryable."""
+    try:
+        raise exc
+    except ProviderError as known:
+        return known
     except openai.AuthenticationError as exc:
-        raise FatalProviderError(f"the API rejected the key ({exc.status_code}): check OPENAI_API_KEY",
-                                 exc.status_code) from None
+        return FatalProviderError(f"the API rejected the key ({exc.status_code}): check OPENAI_API_KEY",
+                                  exc.status_code)
     except openai.RateLimitError as exc:
-        raise ProviderError(f"429 rate limited: {_message(exc)}", retryable=True, status=429,
-                            retry_after=_retry_after(exc.response.headers)) from None
+        return ProviderError(f"429 rate limited: {_message(exc)}", retryable=True, status=429,
+                             retry_after=_retry_after(exc.response.headers))
     except openai.APIStatusError as exc:
         retryable = exc.status_code >= 500 or exc.status_code in (408, 409)
-        raise ProviderError(f"{exc.status_code}: {_message(exc)}", retryable=retryable, status=exc.status_code,
-                            retry_after=_retry_after(exc.response.headers)) from None
+        return ProviderError(f"{exc.status_code}: {_message(exc)}", retryable=retryable, status=exc.status_code,
+                             retry_after=_retry_after(exc.response.headers))
     except openai.APITimeoutError:
-        raise ProviderError("request timed out", retryable=True) from None
+        return ProviderError("request timed out", retryable=True)
     except openai.APIConnectionError as exc:
-        raise ProviderError(f"connection failed: {type(exc.__cause__ or exc).__name__}", retryable=True) from None
+        return ProviderError(f"connection failed: {type(exc.__cause__ or exc).__name__}", retryable=True)
     except ValueError as exc:  # a body that is not JSON
-        raise ProviderError(f"malformed response to {what}: {type(exc).__name__}", retryable=True) from None
+        return ProviderError(f"malformed response to {what}: {type(exc).__name__}", retryable=True)
+    except (httpx.HTTPError, OSError) as exc:  # the transport, cut off mid-stream
+        return ProviderError(f"{what} interrupted: {type(exc).__name__}", retryable=True)
+    except openai.OpenAIError as exc:
+        return ProviderError(f"{what} failed: {type(exc).__name__}", retryable=False)
