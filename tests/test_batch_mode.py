@@ -152,6 +152,9 @@ def test_sigkill_during_upload_create_polling_and_writing_then_resume_sends_ever
     assert ids[0] == ids[1] == ids[2] == stats["files_uploaded"] == stats["batches_created"]
     _counters_match_rows(engine)
     assert {t: checksum_other_columns(engine, t) for t in ("memories", "entities")} == before
+    print(f"batch mode: {len(rows)} rows ({len(blank)} blank skipped) in {stats['files_uploaded']} files / "
+          f"{total} request lines; uploaded inputs {stats['uploaded_inputs']}, billed inputs {stats['billed_inputs']}, "
+          f"job embedded {job[2]}; 4 kills (upload, create, polling, writing at {written}/{total} lines)")
 
 
 def _job(engine: sa.Engine) -> dict:
@@ -257,7 +260,7 @@ def test_bad_batch_options_are_refused_before_any_work(tmp_path, args, message):
     assert not db.exists()
 
 
-def test_an_upload_or_create_that_times_out_is_found_on_retry_not_repeated(tmp_path, cli):
+def test_a_timed_out_upload_or_create_is_found_not_repeated_and_a_cut_download_is_read_again(tmp_path, cli):
     be = make_backend("sqlite", tmp_path)
     engine = be.engine()
     build(engine, memories=80, entities=20)
@@ -265,11 +268,11 @@ def test_an_upload_or_create_that_times_out_is_found_on_retry_not_repeated(tmp_p
     rows = todo - _blank(engine, todo)
     with FakeOpenAI() as server:
         # the server stores the file / creates the batch, then answers after the client gave up
-        server.batches.configure(upload_delay_s=1.5, create_delay_s=1.5, polls_to_complete=1)
+        server.batches.configure(upload_delay_s=1.5, create_delay_s=1.5, polls_to_complete=1, cut_downloads=1)
         env = env_for(server, be.url)
         result = cli("up", *RUN_ARGS, *BATCH, "-b", "50", "--timeout", "0.5", env=env)
         assert result.code == 0, result.output[-2000:]
         stats = server.batches.stats()
-    assert stats["files_uploaded"] == stats["batches_created"] == 1
+    assert stats["files_uploaded"] == stats["batches_created"] == 1 and stats["content_downloads"] == 2
     assert stats["uploaded_inputs"] == stats["billed_inputs"] == len(rows)
     assert assert_vectors_match_recipe(engine, rows) == len(rows)

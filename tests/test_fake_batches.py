@@ -160,3 +160,15 @@ def test_an_upload_cut_short_stores_nothing():
         stats = server.batches.stats()
         assert stats["files_uploaded"] == 0 and stats["uploads_refused"] == 1
         assert list(_client(server).files.list(purpose="batch")) == []
+
+
+def test_a_cut_download_drops_the_connection_halfway_once():
+    with FakeOpenAI() as server:
+        server.batches.configure(polls_to_complete=0, cut_downloads=1)
+        client = _client(server)
+        batch = client.batches.create(input_file_id=_upload(client, [_line(f"c{i}", [f"t{i}"]) for i in range(50)]),
+                                      endpoint="/v1/embeddings", completion_window="24h")
+        with pytest.raises(openai.APIConnectionError):
+            client.files.content(batch.output_file_id).read()
+        assert len(_results(client, batch.output_file_id)) == 50  # the next download is whole
+        assert server.batches.stats()["content_downloads"] == 2

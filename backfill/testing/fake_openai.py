@@ -1183,6 +1183,7 @@ _BATCH_DEFAULTS: dict[str, Any] = {
     "upload_delay_s": 0.0,  # pause after a file is stored, before the answer (a client killed here never hears)
     "create_delay_s": 0.0,  # the same after a batch is created
     "content_delay_s": 0.0,  # the same before a file's content is sent
+    "cut_downloads": 0,  # the next N content downloads stop halfway and the connection drops
 }
 
 
@@ -1248,7 +1249,7 @@ class FakeBatches:
                 if key not in _BATCH_DEFAULTS:
                     raise ValueError(f"unknown batch setting {key!r}")
                 self._settings[key] = bool(value) if key == "hold" else (
-                    int(value) if key == "polls_to_complete" else float(value))
+                    int(value) if key in ("polls_to_complete", "cut_downloads") else float(value))
             return dict(self._settings)
 
     def reset(self) -> None:
@@ -1400,12 +1401,24 @@ class FakeBatches:
     def _file_content(self, h: "_Handler", fid: str) -> None:
         with self._lock:
             content = self._content.get(fid)
+            cut = content is not None and self._settings["cut_downloads"] > 0
             if content is not None:
                 self._counters["content_downloads"] += 1
+            if cut:
+                self._settings["cut_downloads"] -= 1
         if content is None:
             self._found(h, None, "file", fid)
             return
         self._pause("content_delay_s")
+        if cut:  # promise the whole file, send half, hang up
+            h.send_response(200)
+            h.send_header("Content-Type", "application/octet-stream")
+            h.send_header("Content-Length", str(len(content)))
+            h.end_headers()
+            h.wfile.write(content[: len(content) // 2])
+            h.wfile.flush()
+            h.drop()
+            return
         h.send_bytes(200, content, content_type="application/octet-stream")
 
     def _create(self, h: "_Handler", raw: bytes) -> None:
