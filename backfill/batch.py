@@ -25,6 +25,8 @@ import json
 import tempfile
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import IO, Any, Callable
 
@@ -261,7 +263,7 @@ class BatchRunner:
                     if not lines:
                         self._set(b, "planned", state="collected", error="no row needs an embedding any more")
                         return
-                    file_id = self.api.upload(b["name"], content)
+                    file_id = self._heartbeating(lambda: self.api.upload(b["name"], content))
                 report.event("batch_file_uploaded", job=self.job.id, file=b["id"], file_id=file_id, lines=lines)
             else:
                 report.event("batch_file_found", job=self.job.id, file=b["id"], file_id=file_id)
@@ -270,8 +272,8 @@ class BatchRunner:
             remote = self.api.find_batch(b["name"], b["input_file_id"]) if b["submit_started_at"] else None
             if remote is None:
                 b = self._set(b, "uploaded", submit_started_at=jobs.now_iso())
-                remote = self.api.create(b["name"], b["input_file_id"], {"backfill_file": b["name"],
-                                                                         "backfill_job": str(self.job.id)})
+                remote = self._heartbeating(lambda: self.api.create(
+                    b["name"], b["input_file_id"], {"backfill_file": b["name"], "backfill_job": str(self.job.id)}))
             self._set(b, "uploaded", state="submitted", remote_batch_id=remote.id, remote_status=remote.status)
             report.event("batch_submitted", job=self.job.id, file=b["id"], batch_id=remote.id, status=remote.status)
 
@@ -482,6 +484,16 @@ class BatchRunner:
             self._update(conn, b, expected, **values)
             jobs.advance(conn, self.job.id, self.worker)
         return {**b, **values}
+
+    def _heartbeating(self, call: Callable[[], Any]) -> Any:
+        """Run a long remote call (a 200 MB upload) while keeping the job's lease alive."""
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch-api") as pool:
+            future = pool.submit(call)
+            while True:
+                try:
+                    return future.result(timeout=15)
+                except FutureTimeout:
+                    self._heartbeat()
 
     def _heartbeat(self) -> None:
         with self.engine.begin() as conn:
