@@ -222,15 +222,22 @@ def test_run_returns_while_batches_wait_and_status_collects_them_when_done(tmp_p
     assert (job["status"], job["embedded"], job["failed"], job["worker_id"]) == ("done", len(rows), 0, None)
 
 
-def test_cancel_cancels_the_remote_batches(tmp_path, cli):
+def test_sigterm_while_polling_exits_130_and_cancel_cancels_the_remote_batches(tmp_path, cli):
     be = make_backend("sqlite", tmp_path)
     engine = be.engine()
     build(engine, memories=120, entities=30)
     with FakeOpenAI() as server:
         server.batches.configure(hold=True)
         env = env_for(server, be.url)
-        assert cli("up", *RUN_ARGS, *BATCH, "-b", "10", "--batch-file-lines", "5", "--max-runtime", "1",
-                   env=env).code == 0
+        proc = _start(env, "up", *RUN_ARGS, *BATCH, "-b", "10", "--batch-file-lines", "5")
+        deadline = time.monotonic() + 60
+        while server.batches.stats()["retrieves"] < 5 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 130, out[-2000:]
+        job = _job(engine)
+        assert (job["status"], job["worker_id"], job["embedded"]) == ("interrupted", None, 0)
         files = server.batches.stats()["batches_created"]
         assert files >= 2
         result = cli("cancel", str(_job(engine)["id"]), "--log-format", "human", env=env)
