@@ -49,6 +49,7 @@ PLAN_BYTES = 190 * 1024 * 1024  # headroom: texts are read again when the file i
 PRICE_FACTOR = 0.5  # the Batch API bills half the synchronous price
 OPEN_STATES = ("planned", "uploaded", "submitted")
 _PAGE = 2000
+_LINE_BYTES = 400  # a request line's JSON besides its texts (custom_id, method, url, model, ...)
 
 
 @dataclass
@@ -224,20 +225,27 @@ class BatchRunner:
                 # an upper bound of the tokens sent (a token is at least one byte; fit() caps each input):
                 # the exact count is taken when the file is built, so planning never tokenizes
                 count = min(size_bytes, self.provider.max_input_tokens or size_bytes)
-                if current and (len(current) >= self.cap or used + count > _runner.MAX_REQUEST_TOKENS):
+                grow = 2 * size_bytes + 4  # JSON escapes can double a text
+                over = size + added + grow + _LINE_BYTES > PLAN_BYTES  # the file would pass 200 MB
+                if current and (len(current) >= self.cap or used + count > _runner.MAX_REQUEST_TOKENS or over):
                     chunks.append((spec.name, current, used))
                     current, used = [], 0
-                    if self._full(chunks, size + added):
+                    added += _LINE_BYTES
+                    if over or self._full(chunks, size + added):
                         done = True
                         break
+                elif over and chunks:
+                    done = True
+                    break
                 current.append(rid)
                 used += count
-                added += size_bytes + 16
+                added += grow
                 cursor = rid
             else:
                 continue
         if current:
             chunks.append((spec.name, current, used))
+            added += _LINE_BYTES
         cursors[spec.name] = cursor
         return added
 

@@ -283,3 +283,29 @@ def test_a_timed_out_upload_or_create_is_found_not_repeated_and_a_cut_download_i
     assert stats["files_uploaded"] == stats["batches_created"] == 1 and stats["content_downloads"] == 2
     assert stats["uploaded_inputs"] == stats["billed_inputs"] == len(rows)
     assert assert_vectors_match_recipe(engine, rows) == len(rows)
+
+
+def test_files_stay_under_the_byte_limit(tmp_path, monkeypatch):
+    """The planner bounds each file's bytes before it is built (here the limit is made small)."""
+    from backfill import batch, commands
+    from backfill.config import load_settings
+
+    be = make_backend("sqlite", tmp_path)
+    engine = be.engine()
+    build(engine, memories=200, entities=0)
+    todo = needing(engine)
+    rows = todo - _blank(engine, todo)
+    limit = 60_000  # above one row at its longest (8,191 tokens), far below the whole table
+    monkeypatch.setattr(batch, "PLAN_BYTES", limit)
+    with FakeOpenAI() as server:
+        server.batches.configure(polls_to_complete=0)
+        settings = load_settings(be.url, environ=env_for(server, be.url), cwd=tmp_path)
+        commands.migrate(settings)
+        req = commands.RunRequest(model=MODEL, dimensions=DIMS, batch_size=50)
+        req.extra.update(mode="batch", poll_interval=0.05)
+        assert commands.run(settings, req) == 0
+        sizes = [f["bytes"] for f in server.batches.files.values() if f["purpose"] == "batch"]
+        stats = server.batches.stats()
+    assert len(sizes) >= 2 and max(sizes) <= limit, sizes
+    assert stats["uploaded_inputs"] == stats["billed_inputs"] == len(rows)
+    assert assert_vectors_match_recipe(engine, rows) == len(rows)
