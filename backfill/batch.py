@@ -127,6 +127,9 @@ class BatchRunner:
             elif not self._batches(OPEN_STATES):
                 break
             else:
+                if not self._batches(("submitted",)):  # files that waited for room in the provider's queue
+                    for b in self._batches(("uploaded",)):
+                        self._send(b)
                 self._poll()
                 if self._batches(OPEN_STATES):
                     self._pause(self.batch.poll_interval_s)
@@ -279,7 +282,7 @@ class BatchRunner:
         if b["state"] == "uploaded":
             remote = self.api.find_batch(b["name"], b["input_file_id"]) if b["submit_started_at"] else None
             if remote is None:
-                b = self._set(b, "uploaded", submit_started_at=jobs.now_iso())
+                b = self._set(b, "uploaded", submit_started_at=jobs.now_iso(), submits=int(b["submits"]) + 1)
                 remote = self._heartbeating(lambda: self.api.create(
                     b["name"], b["input_file_id"], {"backfill_file": b["name"], "backfill_job": str(self.job.id)}))
             self._set(b, "uploaded", state="submitted", remote_batch_id=remote.id, remote_status=remote.status)
@@ -345,6 +348,8 @@ class BatchRunner:
                 self._collect(b, remote)
 
     def _collect(self, b: dict[str, Any], remote: Any) -> None:
+        if self._requeue(b, remote):
+            return
         for file_id in (remote.output_file_id, remote.error_file_id):
             if not file_id:
                 continue
@@ -386,6 +391,22 @@ class BatchRunner:
         self.outcome.failed_ids.extend((f["target"], f["row_id"]) for f in failed)
         report.event("batch_collected", job=self.job.id, file=b["id"], batch_id=remote.id, status=remote.status,
                      unanswered_rows=len(failed))
+
+    def _requeue(self, b: dict[str, Any], remote: Any) -> bool:
+        """A batch refused for the provider's enqueued-token limit waits until none of the job's batches
+        runs and is created again from the same file (nothing is uploaded again; a refused batch is not
+        billed). Refused again with the queue to itself, its rows become failures."""
+        codes = {getattr(e, "code", None) for e in (getattr(remote.errors, "data", None) or [])}
+        if remote.status != "failed" or "token_limit_exceeded" not in codes:
+            return False
+        others = [x for x in self._batches(("submitted",)) if x["id"] != b["id"]]
+        if not others and int(b["submits"]) > 1:
+            return False  # created again with the queue to itself and still refused: too big for the account
+
+        self._set(b, "submitted", state="uploaded", remote_batch_id=None, remote_status=None, submit_started_at=None,
+                  error=f"batch {remote.id} refused: enqueued token limit; created again when the queue has room")
+        report.event("batch_requeued", job=self.job.id, file=b["id"], batch_id=remote.id)
+        return True
 
     @property
     def _group_lines(self) -> int:

@@ -25,6 +25,7 @@ from backfill.providers.openai import _message, _retry_after
 
 ENDPOINT = "/v1/embeddings"
 TERMINAL = ("completed", "failed", "expired", "cancelled")
+_NOT_ADOPTED = ("failed",)  # validation failed: nothing ran, nothing billed (expired/cancelled ones may hold results)
 _MAX_PAGES = 1000  # listing bound: 1000 pages of files (10,000 each) or batches (100 each)
 
 
@@ -90,8 +91,9 @@ class BatchApi:
             if after:
                 kwargs["after"] = after
             page = self._call("list batches", lambda: self._client.batches.list(**kwargs))
-            for b in page.data:
-                if b.input_file_id == input_file_id or (b.metadata or {}).get("backfill_file") == name:
+            for b in page.data:  # a failed batch (e.g. refused for the queue limit) was not billed: not ours to adopt
+                if b.status not in _NOT_ADOPTED and (
+                        b.input_file_id == input_file_id or (b.metadata or {}).get("backfill_file") == name):
                     return b
             if not page.has_more or not page.data:
                 return None

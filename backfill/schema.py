@@ -238,6 +238,7 @@ backfill_batches = sa.Table(
     sa.Column("error_file_id", Text),
     sa.Column("upload_started_at", Text),  # set (committed) before the upload: resume looks for the file first
     sa.Column("submit_started_at", Text),  # set (committed) before batches.create: resume looks for the batch first
+    sa.Column("submits", Integer, nullable=False, server_default="0"),  # batches created from the file
     sa.Column("error", Text),
     sa.Column("created_at", Text, nullable=False),
     sa.Column("updated_at", Text, nullable=False),

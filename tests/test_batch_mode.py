@@ -309,3 +309,26 @@ def test_files_stay_under_the_byte_limit(tmp_path, monkeypatch):
     assert len(sizes) >= 2 and max(sizes) <= limit, sizes
     assert stats["uploaded_inputs"] == stats["billed_inputs"] == len(rows)
     assert assert_vectors_match_recipe(engine, rows) == len(rows)
+
+
+def test_a_batch_refused_for_the_queue_limit_is_created_again_from_the_same_file(tmp_path, cli):
+    be = make_backend("sqlite", tmp_path)
+    engine = be.engine()
+    build(engine, memories=150, entities=0)
+    todo = needing(engine)
+    rows = todo - _blank(engine, todo)
+    with FakeOpenAI() as server:
+        # room for about one file at a time; a batch finishes on its third poll
+        server.batches.configure(token_queue_limit=12_000, polls_to_complete=3)
+        env = env_for(server, be.url)
+        result = cli("up", *RUN_ARGS, *BATCH, "-b", "10", "--batch-file-lines", "4", env=env)
+        assert result.code == 0, result.output[-2000:]
+        stats = server.batches.stats()
+    assert stats["by_status"].get("failed", 0) >= 1  # some were refused, then created again
+    assert stats["batches_created"] == stats["files_uploaded"] + stats["by_status"]["failed"]
+    assert stats["uploaded_inputs"] == stats["billed_inputs"] == len(rows)  # nothing uploaded or billed twice
+    assert assert_vectors_match_recipe(engine, rows) == len(rows)
+    with engine.connect() as conn:
+        submits = conn.exec_driver_sql("SELECT sum(submits), count(*) FROM backfill_batches").one()
+    assert submits[0] == stats["batches_created"] and submits[1] == stats["files_uploaded"]
+    assert _job(engine)["failed"] == 0

@@ -1184,6 +1184,7 @@ _BATCH_DEFAULTS: dict[str, Any] = {
     "create_delay_s": 0.0,  # the same after a batch is created
     "content_delay_s": 0.0,  # the same before a file's content is sent
     "cut_downloads": 0,  # the next N content downloads stop halfway and the connection drops
+    "token_queue_limit": None,  # enqueued tokens of unfinished batches; a batch past it fails (token_limit_exceeded)
 }
 
 
@@ -1235,6 +1236,7 @@ class FakeBatches:
         self._content: dict[str, bytes] = {}
         self.batches: dict[str, dict[str, Any]] = {}
         self._polls: dict[str, int] = {}
+        self._queued_tokens: dict[str, int] = {}
         self._seq = 0
         self._counters: dict[str, int] = {}
         self.uploaded_custom_ids: list[str] = []
@@ -1248,6 +1250,9 @@ class FakeBatches:
             for key, value in settings.items():
                 if key not in _BATCH_DEFAULTS:
                     raise ValueError(f"unknown batch setting {key!r}")
+                if key == "token_queue_limit":
+                    self._settings[key] = None if value is None else int(value)
+                    continue
                 self._settings[key] = bool(value) if key == "hold" else (
                     int(value) if key in ("polls_to_complete", "cut_downloads") else float(value))
             return dict(self._settings)
@@ -1259,6 +1264,7 @@ class FakeBatches:
             self._content.clear()
             self.batches.clear()
             self._polls.clear()
+            self._queued_tokens.clear()
             self._counters = {k: 0 for k in (
                 "files_uploaded", "uploaded_lines", "uploaded_inputs", "uploads_refused", "batches_created",
                 "batch_lines", "billed_lines", "billed_inputs", "failed_lines", "retrieves", "lists",
@@ -1450,6 +1456,8 @@ class FakeBatches:
                  "cancelled_at": None, "request_counts": {"total": 0, "completed": 0, "failed": 0},
                  "metadata": req.get("metadata") or None}
             problem, lines = self._check_input_locked(fid, endpoint)
+            over, tokens = self._over_queue_limit_locked(fid)
+            problem = problem or over
             b["request_counts"]["total"] = lines
             self._counters["batches_created"] += 1
             self._counters["batch_lines"] += lines
@@ -1457,11 +1465,31 @@ class FakeBatches:
                 b.update(status="failed", failed_at=now, errors={"object": "list", "data": [problem]})
             self.batches[bid] = b
             self._polls[bid] = 0
+            if not problem:
+                self._queued_tokens[bid] = tokens
             if not problem and self._settings["polls_to_complete"] <= 0 and not self._settings["hold"]:
                 self._finish_locked(b)
             answer = dict(b)
         self._pause("create_delay_s")
         h.send_json(200, answer)
+
+    def _over_queue_limit_locked(self, fid: str) -> tuple[dict | None, int]:
+        """Like OpenAI's enqueued token limit: unfinished batches' tokens plus this file's may not pass it."""
+        limit = self._settings["token_queue_limit"]
+        if limit is None:
+            return None, 0
+        tokens = 0
+        for line in self._content[fid].splitlines():
+            inp = json.loads(line).get("body", {}).get("input") if line.strip() else None
+            tokens += sum(count_tokens(t) for t in ([inp] if isinstance(inp, str) else inp or []))
+        queued = sum(n for bid, n in self._queued_tokens.items()
+                     if self.batches[bid]["status"] in ("validating", "in_progress", "finalizing"))
+        if queued + tokens > limit:
+            return {"code": "token_limit_exceeded", "line": None,
+                    "message": f"Enqueued token limit reached for this model: Limit {limit} "
+                               f"enqueued tokens, {queued} queued, this batch {tokens}. Please try again once some "
+                               "in_progress batches have been completed."}, tokens
+        return None, tokens
 
     def _check_input_locked(self, fid: str, endpoint: str) -> tuple[dict | None, int]:
         content = self._content[fid]

@@ -26,6 +26,7 @@ def upgrade() -> None:
         sa.Column("rows", I, nullable=False, server_default="0"),
         *[sa.Column(n, T) for n in ("input_file_id", "remote_batch_id", "remote_status", "output_file_id",
                                     "error_file_id", "upload_started_at", "submit_started_at", "error")],
+        sa.Column("submits", I, nullable=False, server_default="0"),
         sa.Column("created_at", T, nullable=False),
         sa.Column("updated_at", T, nullable=False),
         sqlite_autoincrement=True,
