@@ -172,3 +172,17 @@ def test_a_cut_download_drops_the_connection_halfway_once():
             client.files.content(batch.output_file_id).read()
         assert len(_results(client, batch.output_file_id)) == 50  # the next download is whole
         assert server.batches.stats()["content_downloads"] == 2
+
+
+def test_the_enqueued_token_limit_refuses_a_batch_until_the_queue_has_room():
+    with FakeOpenAI() as server:
+        server.batches.configure(token_queue_limit=10, polls_to_complete=1)
+        client = _client(server)
+        fid = _upload(client, [_line("x", ["one two three four five six"])])  # 6 tokens
+        first = client.batches.create(input_file_id=fid, endpoint="/v1/embeddings", completion_window="24h")
+        refused = client.batches.create(input_file_id=fid, endpoint="/v1/embeddings", completion_window="24h")
+        assert first.status == "validating"
+        assert refused.status == "failed" and refused.errors.data[0].code == "token_limit_exceeded"
+        assert client.batches.retrieve(first.id).status == "completed"  # leaves the queue
+        again = client.batches.create(input_file_id=fid, endpoint="/v1/embeddings", completion_window="24h")
+        assert again.status == "validating"
