@@ -306,16 +306,17 @@ class BatchRunner:
                            *_runner.scope(spec, self.options.user_id))
                     .order_by(spec.key)
                 ).all()
-                ids, texts, tokens = [], [], 0
+                ids, texts, hashes, tokens = [], [], [], 0
                 for row in rows:
                     text = targets.recipe_text(spec, row._mapping, self.options.recipe)
                     if text:
+                        hashes.append(targets.content_hash(text))  # of the full recipe text, as the sync path
                         text, count, _cut = self.provider.fit(text)
                         ids.append(int(row[0]))
                         texts.append(text)
                         tokens += count
                 values: dict[str, Any] = {"row_ids": json.dumps(ids), "tokens": tokens, "updated_at": jobs.now_iso(),
-                                          "content_hashes": json.dumps([targets.content_hash(t) for t in texts])}
+                                          "content_hashes": json.dumps(hashes)}
                 if not ids:
                     values["state"] = "empty"
                 conn.execute(chunks_t.update().where(chunks_t.c.id == ch["id"]).values(**values))

@@ -154,6 +154,18 @@ BatchFileLines = Annotated[int, typer.Option(
     "--batch-file-lines", help="Batch mode: request lines (of -b inputs each) per uploaded file and batch, <= 50000.")]
 PollInterval = Annotated[float, typer.Option(
     "--poll-interval", help="Batch mode: seconds between polls of the running batches (bound the wait with --max-runtime).")]
+ReembedStale = Annotated[bool, typer.Option(
+    "--reembed-stale", help="Also re-embed stale rows: text edited since it was embedded, another model/dimensions, "
+    "or an older recipe (see `backfill stats`). Rows without provenance are left alone.")]
+AdoptExisting = Annotated[bool, typer.Option(
+    "--adopt-existing", help="Record provenance (today's text hash) for vectors embedded before this tool, "
+    "without re-embedding them, so later edits count as stale.")]
+MaxFailedRatio = Annotated[Optional[float], typer.Option(
+    "--max-failed-ratio", min=0.0, max=1.0, help="Exit 3 only when failed/selected rows exceed this ratio "
+    "(e.g. 0.01); at or below it failures are reported and the exit is 0. [default: any failure exits 3]")]
+VectorColumn = Annotated[Optional[str], typer.Option(
+    "--vector-column", help="libSQL only: also write each vector into this native F32_BLOB(dims) column "
+    "(added if missing) via vector32(); then run `backfill index`.")]
 JobArg = Annotated[Optional[int], typer.Argument(help="Job id [default: the latest matching job].", show_default=False)]
 
 
@@ -175,6 +187,8 @@ def run(
     recipe: Recipe = "mcp-memory-ts/1", reembed_all: ReembedAll = False, max_rpm: MaxRpm = None,
     max_tpm: MaxTpm = None, timeout: Timeout = 60.0, wait: Wait = False, log_format: LogFormat = "auto",
     mode: Mode = "sync", batch_file_lines: BatchFileLines = 50_000, poll_interval: PollInterval = 60.0,
+    reembed_stale: ReembedStale = False, adopt_existing: AdoptExisting = False,
+    max_failed_ratio: MaxFailedRatio = None, vector_column: VectorColumn = None,
 ) -> None:
     """Embed every row that needs it: start a job, or resume the open one with the same parameters.
 
@@ -187,6 +201,8 @@ def run(
     req = _request(provider, model, dimensions, target, user_email, batch_size, delay_ms, concurrency, limit,
                    max_runtime, recipe, reembed_all, max_rpm, max_tpm, timeout, wait)
     req.extra.update(mode=mode, file_lines=batch_file_lines, poll_interval=poll_interval)
+    req.reembed_stale, req.adopt_existing = reembed_stale, adopt_existing
+    req.max_failed_ratio, req.vector_column = max_failed_ratio, vector_column
     _execute(log_format, lambda: load_settings(database_url, openai_base_url=base_url), lambda s: commands.run(s, req))
 
 
@@ -198,6 +214,8 @@ def up(
     recipe: Recipe = "mcp-memory-ts/1", reembed_all: ReembedAll = False, max_rpm: MaxRpm = None,
     max_tpm: MaxTpm = None, timeout: Timeout = 60.0, wait: Wait = False, log_format: LogFormat = "auto",
     mode: Mode = "sync", batch_file_lines: BatchFileLines = 50_000, poll_interval: PollInterval = 60.0,
+    reembed_stale: ReembedStale = False, adopt_existing: AdoptExisting = False,
+    max_failed_ratio: MaxFailedRatio = None, vector_column: VectorColumn = None,
 ) -> None:
     """The whole chain: migrate -> verify -> run (resuming the open job) -> stats. Safe after every deploy.
 
@@ -208,6 +226,8 @@ def up(
     req = _request(provider, model, dimensions, target, user_email, batch_size, delay_ms, concurrency, limit,
                    max_runtime, recipe, reembed_all, max_rpm, max_tpm, timeout, wait)
     req.extra.update(mode=mode, file_lines=batch_file_lines, poll_interval=poll_interval)
+    req.reembed_stale, req.adopt_existing = reembed_stale, adopt_existing
+    req.max_failed_ratio, req.vector_column = max_failed_ratio, vector_column
     _execute(log_format, lambda: load_settings(database_url, openai_base_url=base_url), lambda s: commands.up(s, req))
 
 
@@ -288,6 +308,23 @@ def cancel(job: Annotated[int, typer.Argument(help="Job id.")], database_url: Da
     from backfill import commands
 
     _execute(log_format, lambda: load_settings(database_url), lambda s: commands.cancel(s, job))
+
+
+@app.command()
+def index(
+    vector_column: Annotated[str, typer.Option("--vector-column", help="The F32_BLOB column written by "
+                                               "`run --vector-column` (libSQL only).")],
+    database_url: DatabaseUrl = None, target: Target = "all", log_format: LogFormat = "auto",
+) -> None:
+    """Build the libSQL vector index (libsql_vector_idx) after the backfill and check vector_top_k on 20 probes.
+
+    Fills the column where it is still NULL first. Exit 1 if a probe is not found.
+
+    Example: backfill index --vector-column embedding_vec --database-url sqlite+libsql:///memory.db
+    """
+    from backfill import commands
+
+    _execute(log_format, lambda: load_settings(database_url), lambda s: commands.index(s, vector_column, target))
 
 
 @app.command("sample-db")

@@ -217,6 +217,8 @@ def test_run_returns_while_batches_wait_and_status_collects_them_when_done(tmp_p
         done = cli("status", "--log-format", "human", env=env)
         assert done.code == 0 and "batch api  files: 1 collected" in done.stdout, done.output[-2000:]
         assert server.batches.stats()["uploaded_inputs"] == len(rows)
+        stats = json.loads(cli("stats", "--json", env=env).stdout.splitlines()[-1])
+    assert {t: v["stale"] for t, v in stats["tables"].items()} == {"memories": 0, "entities": 0}  # provenance hashes
     assert assert_vectors_match_recipe(engine, rows) == len(rows)
     job = _job(engine)
     assert (job["status"], job["embedded"], job["failed"], job["worker_id"]) == ("done", len(rows), 0, None)
@@ -253,6 +255,7 @@ def test_sigterm_while_polling_exits_130_and_cancel_cancels_the_remote_batches(t
     (["--mode", "fast"], "--mode must be one of sync, batch"),
     (["--mode", "batch", "--batch-file-lines", "50001"], "--batch-file-lines must be between 1 and 50000"),
     (["--mode", "batch", "--poll-interval", "0"], "--poll-interval must be > 0 seconds"),
+    (["--mode", "batch", "--reembed-stale"], "--mode batch does not take --reembed-stale or --vector-column yet"),
 ])
 def test_bad_batch_options_are_refused_before_any_work(tmp_path, args, message):
     from typer.testing import CliRunner
