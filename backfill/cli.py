@@ -147,6 +147,13 @@ MaxRpm = Annotated[Optional[float], typer.Option("--max-rpm", help="Requests per
 MaxTpm = Annotated[Optional[float], typer.Option("--max-tpm", help="Tokens per minute [default: learned from headers].")]
 Timeout = Annotated[float, typer.Option("--timeout", help="Seconds per API request.")]
 Wait = Annotated[bool, typer.Option("--wait", help="If another worker holds the job, wait for it instead of exiting 4.")]
+Mode = Annotated[str, typer.Option(
+    "--mode", help="sync (embeddings API, now) or batch (OpenAI Batch API: JSONL files, half the price, results "
+    "within 24 h; `status`/`resume` collect them).")]
+BatchFileLines = Annotated[int, typer.Option(
+    "--batch-file-lines", help="Batch mode: request lines (of -b inputs each) per uploaded file and batch, <= 50000.")]
+PollInterval = Annotated[float, typer.Option(
+    "--poll-interval", help="Batch mode: seconds between polls of the running batches (bound the wait with --max-runtime).")]
 ReembedStale = Annotated[bool, typer.Option(
     "--reembed-stale", help="Also re-embed stale rows: text edited since it was embedded, another model/dimensions, "
     "or an older recipe (see `backfill stats`). Rows without provenance are left alone.")]
@@ -183,6 +190,7 @@ def run(
     delay_ms: DelayMs = 0, concurrency: Concurrency = 4, limit: Limit = None, max_runtime: MaxRuntime = None,
     recipe: Recipe = "mcp-memory-ts/1", reembed_all: ReembedAll = False, max_rpm: MaxRpm = None,
     max_tpm: MaxTpm = None, timeout: Timeout = 60.0, wait: Wait = False, log_format: LogFormat = "auto",
+    mode: Mode = "sync", batch_file_lines: BatchFileLines = 50_000, poll_interval: PollInterval = 60.0,
     reembed_stale: ReembedStale = False, adopt_existing: AdoptExisting = False,
     max_failed_ratio: MaxFailedRatio = None, vector_column: VectorColumn = None,
     max_cost: MaxCost = None, price_per_mtok: PricePerMtok = None,
@@ -190,11 +198,14 @@ def run(
     """Embed every row that needs it: start a job, or resume the open one with the same parameters.
 
     Example: backfill run -b 100 -u alice@example.com
+
+    Batch API (half price, within 24 h): backfill run --mode batch -b 500 --max-runtime 60; later: backfill resume
     """
     from backfill import commands
 
     req = _request(provider, model, dimensions, target, user_email, batch_size, delay_ms, concurrency, limit,
                    max_runtime, recipe, reembed_all, max_rpm, max_tpm, timeout, wait)
+    req.extra.update(mode=mode, file_lines=batch_file_lines, poll_interval=poll_interval)
     req.reembed_stale, req.adopt_existing = reembed_stale, adopt_existing
     req.max_failed_ratio, req.vector_column = max_failed_ratio, vector_column
     req.max_cost, req.price_per_mtok = max_cost, price_per_mtok
@@ -208,6 +219,7 @@ def up(
     delay_ms: DelayMs = 0, concurrency: Concurrency = 4, limit: Limit = None, max_runtime: MaxRuntime = None,
     recipe: Recipe = "mcp-memory-ts/1", reembed_all: ReembedAll = False, max_rpm: MaxRpm = None,
     max_tpm: MaxTpm = None, timeout: Timeout = 60.0, wait: Wait = False, log_format: LogFormat = "auto",
+    mode: Mode = "sync", batch_file_lines: BatchFileLines = 50_000, poll_interval: PollInterval = 60.0,
     reembed_stale: ReembedStale = False, adopt_existing: AdoptExisting = False,
     max_failed_ratio: MaxFailedRatio = None, vector_column: VectorColumn = None,
     max_cost: MaxCost = None, price_per_mtok: PricePerMtok = None,
@@ -220,6 +232,7 @@ def up(
 
     req = _request(provider, model, dimensions, target, user_email, batch_size, delay_ms, concurrency, limit,
                    max_runtime, recipe, reembed_all, max_rpm, max_tpm, timeout, wait)
+    req.extra.update(mode=mode, file_lines=batch_file_lines, poll_interval=poll_interval)
     req.reembed_stale, req.adopt_existing = reembed_stale, adopt_existing
     req.max_failed_ratio, req.vector_column = max_failed_ratio, vector_column
     req.max_cost, req.price_per_mtok = max_cost, price_per_mtok
@@ -253,9 +266,12 @@ def resume(
     job: JobArg = None, database_url: DatabaseUrl = None, base_url: BaseUrl = None, batch_size: BatchSize = 100,
     delay_ms: DelayMs = 0, concurrency: Concurrency = 4, limit: Limit = None, max_runtime: MaxRuntime = None,
     max_rpm: MaxRpm = None, max_tpm: MaxTpm = None, timeout: Timeout = 60.0, wait: Wait = False,
-    log_format: LogFormat = "auto",
+    log_format: LogFormat = "auto", poll_interval: PollInterval = 60.0,
 ) -> None:
     """Continue an interrupted job from its last committed batch (model and scope come from the job).
+
+    A batch-mode job reconciles its files with the provider (nothing is uploaded twice), then polls and
+    writes each finished batch.
 
     Example: backfill resume 7
     """
@@ -263,6 +279,7 @@ def resume(
 
     req = _request("openai", None, None, "all", None, batch_size, delay_ms, concurrency, limit, max_runtime,
                    "mcp-memory-ts/1", False, max_rpm, max_tpm, timeout, wait)
+    req.extra.update(poll_interval=poll_interval)
     _execute(log_format, lambda: load_settings(database_url, openai_base_url=base_url),
              lambda s: commands.resume(s, job, req))
 
@@ -289,6 +306,8 @@ def status(job: JobArg = None, database_url: DatabaseUrl = None, as_json: JsonFl
            log_format: LogFormat = "auto") -> None:
     """Progress of one job: counts, cursor, rate, tokens, cost, ETA.
 
+    For a batch-mode job it also polls the provider once and writes the batches that finished.
+
     Example: backfill status 7 --json
     """
     from backfill import commands
@@ -311,6 +330,8 @@ def jobs_(database_url: DatabaseUrl = None, log_format: LogFormat = "auto") -> N
 def cancel(job: Annotated[int, typer.Argument(help="Job id.")], database_url: DatabaseUrl = None,
            log_format: LogFormat = "auto") -> None:
     """Mark a job cancelled; a running worker stops after its in-flight batch.
+
+    A batch-mode job's batches are cancelled at the provider too.
 
     Example: backfill cancel 7
     """

@@ -143,7 +143,7 @@ def _claim(engine: Engine, job: _jobs.Job, worker: str, req: RunRequest) -> _job
 
 
 def _drive(settings: Settings, engine: Engine, job: _jobs.Job, provider, req: RunRequest,  # noqa: ANN001
-           options: _runner.RunOptions, *, retry: bool = False) -> int:
+           options: _runner.RunOptions, *, retry: bool = False, runner_class=None) -> int:  # noqa: ANN001
     worker = _jobs.worker_identity()
     job = _claim(engine, job, worker, req)
     stop = _runner.StopFlag()
@@ -153,7 +153,7 @@ def _drive(settings: Settings, engine: Engine, job: _jobs.Job, provider, req: Ru
         else:
             total = sum(_runner.count_remaining(conn, spec, job.dimensions, options, job.cursors.get(spec.name, 0))
                         for spec in _targets.specs_for(job.target))
-    run = _runner.Runner(engine, provider, job, worker, options, None, stop)
+    run = (runner_class or _runner.Runner)(engine, provider, job, worker, options, None, stop)
     status, reason = "interrupted", None
     try:
         with _runner.signals_stop(stop), report.Progress(job.id, total, "retry" if retry else "embedding") as progress:
@@ -199,6 +199,15 @@ def _drive(settings: Settings, engine: Engine, job: _jobs.Job, provider, req: Ru
     return 0
 
 
+def _batch_runner(settings: Settings, job: _jobs.Job, req: RunRequest):  # noqa: ANN202
+    """The batch-mode runner for a job started with `--mode batch`, else None (the sync runner)."""
+    from backfill import batch as _batch
+
+    if not _batch.is_batch(job):
+        return None
+    return _batch.runner_factory(settings, job, req.timeout_s, float(req.extra.get("poll_interval", 60.0)))
+
+
 def _tolerated(req: RunRequest, failed: int, selected: int) -> bool:
     """--max-failed-ratio R: failures up to R of the selected rows do not fail the command."""
     return req.max_failed_ratio is not None and selected > 0 and failed / selected <= req.max_failed_ratio
@@ -206,6 +215,16 @@ def _tolerated(req: RunRequest, failed: int, selected: int) -> bool:
 
 def run(settings: Settings, req: RunRequest) -> int:
     _validate(req)
+    mode = req.extra.get("mode", "sync")
+    if mode != "sync":
+        from backfill import batch as _batch
+
+        if mode not in _batch.MODES:
+            raise ConfigError(f"--mode must be one of {', '.join(_batch.MODES)}")
+        _batch.validate(req.provider, int(req.extra.get("file_lines", _batch.MAX_LINES)),
+                        float(req.extra.get("poll_interval", 60.0)))
+        if req.reembed_stale or req.vector_column:
+            raise ConfigError("--mode batch does not take --reembed-stale or --vector-column yet: run those in sync mode")
     target, engine = open_database(settings)
     if req.vector_column:
         from backfill import vectors
@@ -233,6 +252,8 @@ def run(settings: Settings, req: RunRequest) -> int:
                     stale.refuse_mixing(conn, spec, provider.model, provider.dimensions, user_id)
             params = {"batch_size": req.batch_size, "concurrency": req.concurrency, "delay_ms": req.delay_ms,
                       "reembed_all": req.reembed_all, "base_url": settings.openai_base_url}
+            if mode == "batch":
+                params.update(mode="batch", file_lines=int(req.extra.get("file_lines", 50_000)))
             if req.reembed_stale:
                 params["reembed_stale"] = True
             if req.vector_column:
@@ -241,6 +262,9 @@ def run(settings: Settings, req: RunRequest) -> int:
                 params["price_per_mtok"] = req.price_per_mtok  # so resume and retry-failed cost the same
             job = _jobs.create(conn, key, user_email=req.user_email, batch_size=req.batch_size, params=params)
             report.say(f"started job {job.id}: {req.target} with {provider.model} ({provider.dimensions} dimensions)")
+        elif job.params.get("mode", "sync") != mode:
+            raise ConfigError(f"job {job.id} is open in {job.params.get('mode', 'sync')} mode: continue it with "
+                              f"`backfill resume {job.id}` or stop it with `backfill cancel {job.id}`")
         else:
             report.say(f"resuming job {job.id} from its last committed batch")
         if req.vector_column:  # last: every refusal above comes before this DDL
@@ -249,7 +273,7 @@ def run(settings: Settings, req: RunRequest) -> int:
                 report.say(f"added column {name}.{req.vector_column} F32_BLOB({provider.dimensions})")
     if req.adopt_existing:
         _adopt(engine, job, provider, req, user_id)
-    return _drive(settings, engine, job, provider, req, options)
+    return _drive(settings, engine, job, provider, req, options, runner_class=_batch_runner(settings, job, req))
 
 
 def _job_request(job: _jobs.Job, req: RunRequest) -> RunRequest:
@@ -293,7 +317,8 @@ def resume(settings: Settings, job_id: int | None, req: RunRequest) -> int:
     req = _job_request(job, req)
     provider = _build_provider(settings, req)
     report.say(f"resuming job {job.id} from its last committed batch")
-    return _drive(settings, engine, job, provider, req, _options(req, job.user_id))
+    return _drive(settings, engine, job, provider, req, _options(req, job.user_id),
+                  runner_class=_batch_runner(settings, job, req))
 
 
 def retry_failed(settings: Settings, job_id: int | None, req: RunRequest) -> int:
@@ -342,7 +367,13 @@ def status(settings: Settings, job_id: int | None) -> int:
     _require_tables(engine)
     with engine.connect() as conn:
         job = _pick_job(conn, job_id, (), "")
-        view = _job_view(conn, job, remaining=True)
+    polled = _batch_status(settings, engine, job)
+    with engine.connect() as conn:
+        view = _job_view(conn, _jobs.get(conn, job.id), remaining=True)
+        if polled is not None:
+            from backfill import batch as _batch
+
+            view["batch_api"] = {**_batch.summary(conn, job.id), "poll": polled}
     if report.is_json():
         print(json.dumps(view, default=str), flush=True)
         return 0
@@ -362,7 +393,22 @@ def status(settings: Settings, job_id: int | None) -> int:
         report.say(f"  worker     {view['worker_id']} (lease until {view['lease_expires_at']})")
     if view["stop_reason"]:
         report.say(f"  stopped    {view['stop_reason']}")
+    if "batch_api" in view:
+        b = view["batch_api"]
+        states = ", ".join(f"{n} {s}" for s, n in b["by_state"].items()) or "none yet"
+        report.say(f"  batch api  files: {states}; {b['rows_waiting']} row(s) waiting at the provider"
+                   + (f"; {b['poll']}" if b["poll"] else ""))
+        for f in b["files"]:
+            report.say(f"             {f['name']}  {f['state']}  file {f['input_file_id'] or '-'}  "
+                       f"batch {f['remote_batch_id'] or '-'} ({f['remote_status'] or '-'})")
     return 0
+
+
+def _batch_status(settings: Settings, engine: Engine, job: _jobs.Job) -> str | None:
+    """For a batch job: poll the provider once and write what finished (None for a sync job)."""
+    from backfill import batch as _batch
+
+    return _batch.collect_for_status(settings, engine, job) if _batch.is_batch(job) else None
 
 
 def list_jobs(settings: Settings) -> int:
@@ -385,6 +431,12 @@ def list_jobs(settings: Settings) -> int:
 def cancel(settings: Settings, job_id: int) -> int:
     _target, engine = open_database(settings)
     _require_tables(engine)
+    with engine.connect() as conn:
+        job = _jobs.get(conn, job_id)
+    if job.status in _jobs.OPEN_STATUSES and job.params.get("mode") == "batch":
+        from backfill import batch as _batch
+
+        report.say(f"cancelled {_batch.cancel_remote(settings, engine, job)} batch(es) at the provider")
     with engine.begin() as conn:
         job = _jobs.cancel(conn, job_id)
     report.say(f"job {job.id} cancelled; a running worker stops after its in-flight batch")

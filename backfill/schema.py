@@ -217,4 +217,50 @@ backfill_embeddings = sa.Table(
 sa.Index("ix_backfill_embeddings_model", backfill_embeddings.c.target, backfill_embeddings.c.model)
 sa.Index("ix_backfill_embeddings_hash", backfill_embeddings.c.target, backfill_embeddings.c.content_hash)  # 0004
 
-OWN_TABLE_NAMES = frozenset({"backfill_jobs", "backfill_failures", "backfill_embeddings"})
+OWN_TABLE_NAMES = frozenset({"backfill_jobs", "backfill_failures", "backfill_embeddings", "backfill_batches",
+                             "backfill_batch_chunks"})
+
+# ---------------------------------------------------------------------------------------------
+# Batch API mode (revision 0003): one row per JSONL file / remote batch, one per request line.
+# A step is committed before the remote call it leads to, so a killed run reconciles, never repeats.
+
+backfill_batches = sa.Table(
+    "backfill_batches",
+    metadata,
+    sa.Column("id", Integer, primary_key=True, autoincrement=True),
+    sa.Column("job_id", Integer, sa.ForeignKey("backfill_jobs.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("name", Text, nullable=False, unique=True),  # the uploaded file's name, unique per database and job
+    sa.Column("state", Text, nullable=False),  # planned|uploaded|submitted|collected|cancelled
+    sa.Column("lines", Integer, nullable=False, server_default="0"),
+    sa.Column("rows", Integer, nullable=False, server_default="0"),
+    sa.Column("input_file_id", Text),
+    sa.Column("remote_batch_id", Text),
+    sa.Column("remote_status", Text),
+    sa.Column("output_file_id", Text),
+    sa.Column("error_file_id", Text),
+    sa.Column("upload_started_at", Text),  # set (committed) before the upload: resume looks for the file first
+    sa.Column("submit_started_at", Text),  # set (committed) before batches.create: resume looks for the batch first
+    sa.Column("submits", Integer, nullable=False, server_default="0"),  # batches created from the file
+    sa.Column("error", Text),
+    sa.Column("created_at", Text, nullable=False),
+    sa.Column("updated_at", Text, nullable=False),
+    sqlite_autoincrement=True,
+)
+sa.Index("ix_backfill_batches_job_state", backfill_batches.c.job_id, backfill_batches.c.state)
+
+backfill_batch_chunks = sa.Table(
+    "backfill_batch_chunks",
+    metadata,
+    sa.Column("id", Integer, primary_key=True, autoincrement=True),
+    sa.Column("batch_id", Integer, sa.ForeignKey("backfill_batches.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("custom_id", Text, nullable=False, unique=True),
+    sa.Column("target", Text, nullable=False),
+    sa.Column("row_ids", Text, nullable=False),  # JSON list, the order of the request's inputs
+    sa.Column("content_hashes", Text),  # JSON list, hashes of the texts as uploaded
+    sa.Column("tokens", Integer, nullable=False, server_default="0"),
+    sa.Column("state", Text, nullable=False),  # planned|written|failed|empty|cancelled
+    sa.Column("created_at", Text, nullable=False),
+    sa.Column("updated_at", Text, nullable=False),
+    sqlite_autoincrement=True,
+)
+sa.Index("ix_backfill_batch_chunks_batch_state", backfill_batch_chunks.c.batch_id, backfill_batch_chunks.c.state)

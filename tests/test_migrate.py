@@ -36,7 +36,8 @@ def test_migrate_creates_verify_passes_second_run_is_noop(backend, cli):
     assert json.loads(first.stdout.splitlines()[-1])["action"] == "created"
     with backend.engine().connect() as conn:
         tables = set(sa.inspect(conn).get_table_names())
-        assert {"alembic_version", "backfill_jobs", "backfill_failures", "backfill_embeddings"} <= tables
+        assert {"alembic_version", "backfill_jobs", "backfill_failures", "backfill_embeddings", "backfill_batches",
+                "backfill_batch_chunks"} <= tables
         assert DATA_TABLE_NAMES <= tables
         assert conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar() == head_revision()
     ok = cli("verify", "--database-url", backend.url, "--log-format", "human")

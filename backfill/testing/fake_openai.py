@@ -30,6 +30,9 @@ Order in which an embeddings request is judged (first match wins):
 Requests that got no HTTP response at all (``reset``, ``hang``, or a stop
 during the sleep) are logged with ``status`` 0.
 
+Files and Batch APIs (``/v1/files``, ``/v1/batches``): see :class:`FakeBatches`
+(``FakeOpenAI.batches``), with a fast-forward switch and upload/billing counters.
+
 Run ``python -m backfill.testing.fake_openai --help`` for the command line.
 """
 
@@ -58,6 +61,7 @@ import tiktoken
 __all__ = [
     "FakeOpenAI",
     "FakeOpenAIAdmin",
+    "FakeBatches",
     "fake_vector",
     "default_dimensions",
     "count_tokens",
@@ -382,6 +386,8 @@ class _Handler(BaseHTTPRequestHandler):
                 fake._handle_embeddings(self, body)
             elif path == "/v1/models" and method == "GET":
                 fake._handle_models(self)
+            elif path.startswith(("/v1/files", "/v1/batches", "/_admin/batches")):
+                fake.batches.handle(self, method, path, parse_qs(parts.query), body)
             elif path.startswith("/_admin/"):
                 fake._handle_admin(self, method, path, parse_qs(parts.query), body)
             else:
@@ -444,6 +450,7 @@ class FakeOpenAI:
         self._port = int(port)
         self._httpd: _Server | None = None
         self._thread: threading.Thread | None = None
+        self.batches = FakeBatches(self)  # /v1/files and /v1/batches
         self.configure(**settings)
         if "seed" not in settings:
             self._rng.seed(self._settings["seed"])
@@ -1153,6 +1160,456 @@ class FakeOpenAIAdmin:
 
     def reset(self) -> None:
         self._call("POST", "/_admin/reset", {})
+
+    def batch_stats(self) -> dict[str, Any]:
+        return self._call("GET", "/_admin/batches/stats")
+
+    def configure_batches(self, **settings: Any) -> dict[str, Any]:
+        return self._call("POST", "/_admin/batches/config", settings)
+
+    def complete_batches(self, batch_id: str | None = None) -> int:
+        return self._call("POST", "/_admin/batches/complete", {"batch_id": batch_id})["completed"]
+
+
+# --------------------------------------------------------------------------- files & batches
+
+BATCH_MAX_LINES = 50_000
+BATCH_MAX_BYTES = 200 * 1024 * 1024
+BATCH_ENDPOINTS = ("/v1/embeddings",)
+
+_BATCH_DEFAULTS: dict[str, Any] = {
+    "polls_to_complete": 1,  # a batch completes on its N-th retrieve (0: already on create)
+    "hold": False,  # True: batches never complete until complete_batches() (the fast-forward switch)
+    "upload_delay_s": 0.0,  # pause after a file is stored, before the answer (a client killed here never hears)
+    "create_delay_s": 0.0,  # the same after a batch is created
+    "content_delay_s": 0.0,  # the same before a file's content is sent
+    "cut_downloads": 0,  # the next N content downloads stop halfway and the connection drops
+    "token_queue_limit": None,  # enqueued tokens of unfinished batches; a batch past it fails (token_limit_exceeded)
+}
+
+
+class _MultipartError(Exception):
+    pass
+
+
+def _multipart(raw: bytes, content_type: str) -> dict[str, tuple[str | None, bytes]]:
+    """Parse multipart/form-data into {name: (filename, value)}; an unterminated body is refused."""
+    import re
+
+    m = re.search(r'boundary="?([^";]+)"?', content_type or "")
+    if not m:
+        raise _MultipartError("not multipart/form-data")
+    sep = b"--" + m.group(1).encode("latin-1")
+    if not raw.rstrip(b"\r\n").endswith(sep + b"--"):
+        raise _MultipartError("incomplete multipart body")
+    fields: dict[str, tuple[str | None, bytes]] = {}
+    for part in raw.split(sep)[1:-1]:
+        part = part[2:] if part.startswith(b"\r\n") else part
+        head, _, value = part.partition(b"\r\n\r\n")
+        if value.endswith(b"\r\n"):
+            value = value[:-2]
+        disposition = next((line for line in head.decode("utf-8", "replace").split("\r\n")
+                            if line.lower().startswith("content-disposition")), "")
+        name = re.search(r'\bname="([^"]*)"', disposition)
+        filename = re.search(r'\bfilename="([^"]*)"', disposition)
+        if name:
+            fields[name.group(1)] = (filename.group(1) if filename else None, value)
+    return fields
+
+
+class FakeBatches:
+    """The fake's Files API (``/v1/files``) and Batch API (``/v1/batches``), in memory.
+
+    A batch is ``validating`` when created and completes on its ``polls_to_complete``-th retrieve
+    (unless ``hold``); then every request line is answered with the same deterministic vectors as
+    ``/v1/embeddings`` (``fail_inputs`` lines go to the error file with status 400). Counters
+    (:meth:`stats`) tell how many request lines and inputs were uploaded and billed, so a test can
+    prove that no row was sent twice.  Reached as ``FakeOpenAI.batches``; admin endpoints under
+    ``/_admin/batches/``.
+    """
+
+    def __init__(self, fake: "FakeOpenAI") -> None:
+        self.fake = fake
+        self._lock = threading.Lock()
+        self._settings: dict[str, Any] = dict(_BATCH_DEFAULTS)
+        self.files: dict[str, dict[str, Any]] = {}
+        self._content: dict[str, bytes] = {}
+        self.batches: dict[str, dict[str, Any]] = {}
+        self._polls: dict[str, int] = {}
+        self._queued_tokens: dict[str, int] = {}
+        self._seq = 0
+        self._counters: dict[str, int] = {}
+        self.uploaded_custom_ids: list[str] = []
+        self.uploaded_inputs: list[str] = []
+        self.billed_inputs: list[str] = []
+        self.reset()
+
+    # -- control ----------------------------------------------------------
+    def configure(self, **settings: Any) -> dict[str, Any]:
+        with self._lock:
+            for key, value in settings.items():
+                if key not in _BATCH_DEFAULTS:
+                    raise ValueError(f"unknown batch setting {key!r}")
+                if key == "token_queue_limit":
+                    self._settings[key] = None if value is None else int(value)
+                    continue
+                self._settings[key] = bool(value) if key == "hold" else (
+                    int(value) if key in ("polls_to_complete", "cut_downloads") else float(value))
+            return dict(self._settings)
+
+    def reset(self) -> None:
+        """Forget every file, batch and counter (settings stay)."""
+        with self._lock:
+            self.files.clear()
+            self._content.clear()
+            self.batches.clear()
+            self._polls.clear()
+            self._queued_tokens.clear()
+            self._counters = {k: 0 for k in (
+                "files_uploaded", "uploaded_lines", "uploaded_inputs", "uploads_refused", "batches_created",
+                "batch_lines", "billed_lines", "billed_inputs", "failed_lines", "retrieves", "lists",
+                "content_downloads", "cancels")}
+            self.uploaded_custom_ids = []
+            self.uploaded_inputs = []
+            self.billed_inputs = []
+
+    def stats(self) -> dict[str, Any]:
+        """Counters; ``duplicate_custom_ids`` counts custom ids uploaded more than once."""
+        with self._lock:
+            out: dict[str, Any] = dict(self._counters)
+            out["duplicate_custom_ids"] = len(self.uploaded_custom_ids) - len(set(self.uploaded_custom_ids))
+            out["by_status"] = {}
+            for b in self.batches.values():
+                out["by_status"][b["status"]] = out["by_status"].get(b["status"], 0) + 1
+        return out
+
+    def complete_batches(self, batch_id: str | None = None) -> int:
+        """Fast-forward: finish this batch (or every unfinished one) now; returns how many."""
+        with self._lock:
+            ids = [batch_id] if batch_id else list(self.batches)
+            done = 0
+            for bid in ids:
+                b = self.batches.get(bid)
+                if b is not None and b["status"] in ("validating", "in_progress", "finalizing"):
+                    self._finish_locked(b)
+                    done += 1
+            return done
+
+    # -- HTTP -------------------------------------------------------------
+    def handle(self, h: "_Handler", method: str, path: str, query: dict[str, list[str]], raw: bytes) -> None:
+        if path.startswith("/_admin/batches"):
+            self._admin(h, method, path, raw)
+            return
+        bad = self.fake._check_auth(h, self.fake.settings["api_key"])
+        if bad:
+            h.send_json(401, bad)
+            return
+        parts = path.strip("/").split("/")  # v1, files|batches, [id], [content|cancel]
+        kind, ident, action = parts[1], (parts[2] if len(parts) > 2 else None), (parts[3] if len(parts) > 3 else None)
+        q = {k: v[0] for k, v in query.items() if v}
+        if kind == "files":
+            if method == "POST" and ident is None:
+                return self._upload(h, raw)
+            if method == "GET" and ident is None:
+                return self._list(h, [f for f in self.files.values()
+                                      if not q.get("purpose") or f["purpose"] == q["purpose"]], q, "files")
+            if method == "GET" and ident and action is None:
+                return self._found(h, self.files.get(ident), "file", ident)
+            if method == "GET" and ident and action == "content":
+                return self._file_content(h, ident)
+            if method == "DELETE" and ident:
+                with self._lock:
+                    gone = self.files.pop(ident, None)
+                    self._content.pop(ident, None)
+                return self._found(h, gone and {"id": ident, "object": "file", "deleted": True}, "file", ident)
+        if kind == "batches":
+            if method == "POST" and ident is None:
+                return self._create(h, raw)
+            if method == "GET" and ident is None:
+                with self._lock:
+                    self._counters["lists"] += 1
+                    listing = [dict(b) for b in self.batches.values()]
+                return self._list(h, listing, q, "batches")
+            if method == "GET" and ident and action is None:
+                return self._retrieve(h, ident)
+            if method == "POST" and ident and action == "cancel":
+                return self._cancel(h, ident)
+        h.send_json(404, _err(f"Invalid URL ({method} {path})", "invalid_request_error", None, None, with_param=True))
+
+    def _new_id(self, prefix: str) -> str:
+        self._seq += 1
+        return f"{prefix}-{self._seq:06d}{hashlib.blake2b(str(self._seq).encode(), digest_size=4).hexdigest()}"
+
+    def _pause(self, key: str) -> None:
+        self.fake._sleep(self._settings[key])
+
+    @staticmethod
+    def _found(h: "_Handler", obj: dict | None, what: str, ident: str) -> None:
+        if obj is None:
+            h.send_json(404, _err(f"No such {what}: '{ident}'", "invalid_request_error", None, None, with_param=True))
+        else:
+            h.send_json(200, obj)
+
+    @staticmethod
+    def _list(h: "_Handler", items: list[dict], q: dict[str, str], kind: str) -> None:
+        """Cursor pagination as the SDK expects it: newest first, ``after`` = last id seen."""
+        desc = q.get("order", "desc") != "asc"
+        items = sorted(items, key=lambda o: (o["created_at"], o["id"]), reverse=desc)
+        if q.get("after"):
+            ids = [o["id"] for o in items]
+            items = items[ids.index(q["after"]) + 1:] if q["after"] in ids else []
+        limit = max(1, min(int(q.get("limit") or (10_000 if kind == "files" else 20)), 10_000))
+        page = items[:limit]
+        h.send_json(200, {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+                          "last_id": page[-1]["id"] if page else None, "has_more": len(items) > limit})
+
+    def _upload(self, h: "_Handler", raw: bytes) -> None:
+        try:
+            fields = _multipart(raw, h.headers.get("Content-Type", ""))
+        except _MultipartError as exc:
+            with self._lock:
+                self._counters["uploads_refused"] += 1
+            h.send_json(400, _err(f"Invalid upload: {exc}", "invalid_request_error"))
+            return
+        purpose = (fields.get("purpose") or (None, b""))[1].decode()
+        filename, content = fields.get("file") or (None, None)
+        if content is None or not purpose:
+            h.send_json(400, _err("'file' and 'purpose' are required", "invalid_request_error"))
+            return
+        lines, custom_ids, inputs = 0, [], []
+        if purpose == "batch":
+            for line in content.splitlines():
+                if not line.strip():
+                    continue
+                lines += 1
+                try:
+                    obj = json.loads(line)
+                    custom_ids.append(str(obj.get("custom_id")))
+                    inp = obj.get("body", {}).get("input")
+                    inputs.extend([inp] if isinstance(inp, str) else [str(x) for x in inp or []])
+                except (ValueError, AttributeError, TypeError):
+                    continue
+        with self._lock:
+            fid = self._new_id("file")
+            meta = {"id": fid, "object": "file", "bytes": len(content), "created_at": int(time.time()),
+                    "filename": filename or "upload", "purpose": purpose, "status": "processed"}
+            self.files[fid] = meta
+            self._content[fid] = content
+            if purpose == "batch":
+                self._counters["files_uploaded"] += 1
+                self._counters["uploaded_lines"] += lines
+                self._counters["uploaded_inputs"] += len(inputs)
+                self.uploaded_custom_ids.extend(custom_ids)
+                self.uploaded_inputs.extend(inputs)
+        self._pause("upload_delay_s")
+        h.send_json(200, meta)
+
+    def _file_content(self, h: "_Handler", fid: str) -> None:
+        with self._lock:
+            content = self._content.get(fid)
+            cut = content is not None and self._settings["cut_downloads"] > 0
+            if content is not None:
+                self._counters["content_downloads"] += 1
+            if cut:
+                self._settings["cut_downloads"] -= 1
+        if content is None:
+            self._found(h, None, "file", fid)
+            return
+        self._pause("content_delay_s")
+        if cut:  # promise the whole file, send half, hang up
+            h.send_response(200)
+            h.send_header("Content-Type", "application/octet-stream")
+            h.send_header("Content-Length", str(len(content)))
+            h.end_headers()
+            h.wfile.write(content[: len(content) // 2])
+            h.wfile.flush()
+            h.drop()
+            return
+        h.send_bytes(200, content, content_type="application/octet-stream")
+
+    def _create(self, h: "_Handler", raw: bytes) -> None:
+        try:
+            req = json.loads(raw or b"{}")
+        except ValueError:
+            h.send_json(400, _err("We could not parse the JSON body of your request.", "invalid_request_error"))
+            return
+        fid, endpoint = req.get("input_file_id"), req.get("endpoint")
+        if req.get("completion_window") != "24h":
+            h.send_json(400, _err("completion_window must be '24h'", "invalid_request_error", None, "completion_window"))
+            return
+        if endpoint not in BATCH_ENDPOINTS:
+            h.send_json(400, _err(f"the fake supports only {BATCH_ENDPOINTS} (got {endpoint!r})",
+                                  "invalid_request_error", None, "endpoint"))
+            return
+        with self._lock:
+            meta = self.files.get(fid)
+            if meta is None or meta["purpose"] != "batch":
+                h.send_json(400, _err(f"Invalid input_file_id {fid!r}: no such file with purpose 'batch'",
+                                      "invalid_request_error", None, "input_file_id"))
+                return
+            now = int(time.time())
+            bid = self._new_id("batch")
+            b = {"id": bid, "object": "batch", "endpoint": endpoint, "errors": None, "input_file_id": fid,
+                 "completion_window": "24h", "status": "validating", "output_file_id": None, "error_file_id": None,
+                 "created_at": now, "in_progress_at": None, "expires_at": now + 86400, "finalizing_at": None,
+                 "completed_at": None, "failed_at": None, "expired_at": None, "cancelling_at": None,
+                 "cancelled_at": None, "request_counts": {"total": 0, "completed": 0, "failed": 0},
+                 "metadata": req.get("metadata") or None}
+            problem, lines = self._check_input_locked(fid, endpoint)
+            over, tokens = self._over_queue_limit_locked(fid)
+            problem = problem or over
+            b["request_counts"]["total"] = lines
+            self._counters["batches_created"] += 1
+            self._counters["batch_lines"] += lines
+            if problem:
+                b.update(status="failed", failed_at=now, errors={"object": "list", "data": [problem]})
+            self.batches[bid] = b
+            self._polls[bid] = 0
+            if not problem:
+                self._queued_tokens[bid] = tokens
+            if not problem and self._settings["polls_to_complete"] <= 0 and not self._settings["hold"]:
+                self._finish_locked(b)
+            answer = dict(b)
+        self._pause("create_delay_s")
+        h.send_json(200, answer)
+
+    def _over_queue_limit_locked(self, fid: str) -> tuple[dict | None, int]:
+        """Like OpenAI's enqueued token limit: unfinished batches' tokens plus this file's may not pass it."""
+        limit = self._settings["token_queue_limit"]
+        if limit is None:
+            return None, 0
+        tokens = 0
+        for line in self._content[fid].splitlines():
+            inp = json.loads(line).get("body", {}).get("input") if line.strip() else None
+            tokens += sum(count_tokens(t) for t in ([inp] if isinstance(inp, str) else inp or []))
+        queued = sum(n for bid, n in self._queued_tokens.items()
+                     if self.batches[bid]["status"] in ("validating", "in_progress", "finalizing"))
+        if queued + tokens > limit:
+            return {"code": "token_limit_exceeded", "line": None,
+                    "message": f"Enqueued token limit reached for this model: Limit {limit} "
+                               f"enqueued tokens, {queued} queued, this batch {tokens}. Please try again once some "
+                               "in_progress batches have been completed."}, tokens
+        return None, tokens
+
+    def _check_input_locked(self, fid: str, endpoint: str) -> tuple[dict | None, int]:
+        content = self._content[fid]
+        seen: set[str] = set()
+        lines = 0
+        for n, line in enumerate(content.splitlines(), 1):
+            if not line.strip():
+                continue
+            lines += 1
+            try:
+                obj = json.loads(line)
+                cid, url, method = obj["custom_id"], obj["url"], obj["method"]
+            except (ValueError, KeyError, TypeError):
+                return {"code": "invalid_json_line", "line": n, "message": "This line is not valid JSON or lacks "
+                        "custom_id, method or url."}, lines
+            if url != endpoint or method != "POST":
+                return {"code": "mismatched_endpoint", "line": n,
+                        "message": f"The line's url {url!r} differs from the batch's endpoint {endpoint!r}."}, lines
+            if cid in seen:
+                return {"code": "duplicate_custom_id", "line": n,
+                        "message": f"The custom_id {cid!r} appears more than once."}, lines
+            seen.add(cid)
+        if lines > BATCH_MAX_LINES:
+            return {"code": "too_many_requests", "line": None,
+                    "message": f"The file has {lines} requests; the limit is {BATCH_MAX_LINES}."}, lines
+        if len(content) > BATCH_MAX_BYTES:
+            return {"code": "file_too_large", "line": None, "message": "The file is larger than 200 MB."}, lines
+        if lines == 0:
+            return {"code": "empty_file", "line": None, "message": "The input file has no requests."}, lines
+        return None, lines
+
+    def _retrieve(self, h: "_Handler", bid: str) -> None:
+        with self._lock:
+            b = self.batches.get(bid)
+            if b is not None:
+                self._counters["retrieves"] += 1
+                self._polls[bid] += 1
+                if b["status"] == "validating":
+                    b.update(status="in_progress", in_progress_at=int(time.time()))
+                if b["status"] == "cancelling":
+                    b.update(status="cancelled", cancelled_at=int(time.time()))
+                elif (b["status"] == "in_progress" and not self._settings["hold"]
+                      and self._polls[bid] >= self._settings["polls_to_complete"]):
+                    self._finish_locked(b)
+                b = dict(b)
+        self._found(h, b, "batch", bid)
+
+    def _cancel(self, h: "_Handler", bid: str) -> None:
+        with self._lock:
+            b = self.batches.get(bid)
+            if b is not None and b["status"] in ("validating", "in_progress", "finalizing"):
+                self._counters["cancels"] += 1
+                b.update(status="cancelling", cancelling_at=int(time.time()))
+            elif b is not None and b["status"] not in ("cancelling", "cancelled"):
+                h.send_json(409, _err(f"Cannot cancel a batch with status '{b['status']}'.", "invalid_request_error"))
+                return
+            b = None if b is None else dict(b)
+        self._found(h, b, "batch", bid)
+
+    def _finish_locked(self, b: dict[str, Any]) -> None:
+        """Answer every request line of the batch (called with the lock held)."""
+        s = self.fake._settings
+        out, errors = [], []
+        for line in self._content[b["input_file_id"]].splitlines():
+            if not line.strip():
+                continue
+            obj = json.loads(line)
+            status, body, texts = self._answer_line(obj.get("body") or {}, s)
+            record = {"id": f"batch_req_{hashlib.blake2b(obj['custom_id'].encode(), digest_size=8).hexdigest()}",
+                      "custom_id": obj["custom_id"],
+                      "response": {"status_code": status, "request_id": f"req_{len(out) + len(errors)}", "body": body},
+                      "error": None}
+            if status == 200:
+                out.append(record)
+                self._counters["billed_lines"] += 1
+                self._counters["billed_inputs"] += len(texts)
+                self.billed_inputs.extend(texts)
+            else:
+                errors.append(record)
+                self._counters["failed_lines"] += 1
+        now = int(time.time())
+        for key, records in (("output_file_id", out), ("error_file_id", errors)):
+            if records:
+                fid = self._new_id("file")
+                data = ("\n".join(json.dumps(r, separators=(",", ":")) for r in records) + "\n").encode()
+                self.files[fid] = {"id": fid, "object": "file", "bytes": len(data), "created_at": now,
+                                   "filename": f"{b['id']}_{key[:-8]}.jsonl", "purpose": "batch_output",
+                                   "status": "processed"}
+                self._content[fid] = data
+                b[key] = fid
+        b.update(status="completed", finalizing_at=now, completed_at=now,
+                 request_counts={"total": len(out) + len(errors), "completed": len(out), "failed": len(errors)})
+
+    def _answer_line(self, body: dict, s: dict[str, Any]) -> tuple[int, dict, list[str]]:
+        try:
+            v = self.fake._validate(json.dumps(body).encode("utf-8", "surrogatepass"), s["dimensions_override"])
+        except _BadRequest as exc:
+            return exc.status, exc.body, []
+        if any(bad in text for text in v.texts for bad in s["fail_inputs"]):
+            return 400, _err("Invalid input: contains rejected text", "invalid_request_error", None), []
+        payload = {"object": "list", "data": self.fake._embedding_items(v, v.fmt), "model": v.model,
+                   "usage": {"prompt_tokens": v.total_tokens, "total_tokens": v.total_tokens}}
+        return 200, payload, list(v.texts)
+
+    def _admin(self, h: "_Handler", method: str, path: str, raw: bytes) -> None:
+        try:
+            body = json.loads(raw) if raw else {}
+            if path == "/_admin/batches/stats" and method == "GET":
+                h.send_json(200, self.stats())
+            elif path == "/_admin/batches/config" and method == "POST":
+                h.send_json(200, self.configure(**body))
+            elif path == "/_admin/batches/complete" and method == "POST":
+                h.send_json(200, {"completed": self.complete_batches(body.get("batch_id"))})
+            elif path == "/_admin/batches/reset" and method == "POST":
+                self.reset()
+                h.send_json(200, {"ok": True})
+            else:
+                h.send_json(404, _err(f"unknown admin endpoint {method} {path}", "invalid_request_error"))
+        except (ValueError, TypeError) as exc:
+            h.send_json(400, _err(f"bad admin request: {exc}", "invalid_request_error"))
 
 
 # --------------------------------------------------------------------------- CLI
