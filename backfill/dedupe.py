@@ -45,11 +45,13 @@ def known_vectors(engine: Engine, spec: targets.Spec, hashes: Sequence[str], *, 
     """hash -> a vector already written for that exact text (same model, dimensions, recipe)."""
     if not hashes:
         return {}
+    # Model, dimensions and recipe are checked in Python: given them in SQL, SQLite (no statistics) picks
+    # the (target, model) index and scans every provenance row per page, O(rows^2) over a job.
     q = (
-        sa.select(prov.c.content_hash, spec.embedding, *(spec.table.c[n] for n in spec.text_columns))
+        sa.select(prov.c.content_hash, prov.c.model, prov.c.dimensions, prov.c.recipe_version, spec.embedding,
+                  *(spec.table.c[n] for n in spec.text_columns))
         .select_from(prov.join(spec.table, spec.key == prov.c.row_id))
-        .where(prov.c.target == spec.name, prov.c.content_hash.in_(sorted(set(hashes))), prov.c.model == model,
-               prov.c.dimensions == dimensions, prov.c.recipe_version == recipe)
+        .where(prov.c.target == spec.name, prov.c.content_hash.in_(sorted(set(hashes))))
     )
     if user_id is not None:  # a scoped job reads only its user's rows
         q = q.where(spec.user_id == user_id)
@@ -57,11 +59,11 @@ def known_vectors(engine: Engine, spec: targets.Spec, hashes: Sequence[str], *, 
     with engine.connect() as conn:
         for row in conn.execute(q):
             digest = row[0]
-            if digest in found:
+            if digest in found or (row[1], row[2], row[3]) != (model, dimensions, recipe):
                 continue
             if targets.content_hash(targets.recipe_text(spec, row._mapping, recipe)) != digest:
                 continue  # edited since: its vector is of another text
-            vec = _vector(row[1], dimensions)
+            vec = _vector(row[4], dimensions)
             if vec is not None:
                 found[digest] = vec
     return found
