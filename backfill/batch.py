@@ -37,7 +37,7 @@ from backfill import jobs, report, runner as _runner, targets
 from backfill.batch_api import ENDPOINT, TERMINAL, BatchApi
 from backfill.config import Settings
 from backfill.errors import BackfillError, ConfigError, LeaseHeld
-from backfill.providers.base import ProviderError, check_vectors
+from backfill.providers.base import BATCH_PRICE_FACTOR, ProviderError, check_vectors
 from backfill.schema import backfill_batch_chunks as chunks_t
 from backfill.schema import backfill_batches as batches_t
 from backfill.schema import backfill_embeddings
@@ -46,7 +46,7 @@ MODES = ("sync", "batch")
 MAX_LINES = 50_000
 MAX_FILE_BYTES = 200 * 1024 * 1024
 PLAN_BYTES = 190 * 1024 * 1024  # headroom: texts are read again when the file is built
-PRICE_FACTOR = 0.5  # the Batch API bills half the synchronous price
+PRICE_FACTOR = BATCH_PRICE_FACTOR
 OPEN_STATES = ("planned", "uploaded", "submitted")
 _PAGE = 2000
 _LINE_BYTES = 400  # a request line's JSON besides its texts (custom_id, method, url, model, ...)

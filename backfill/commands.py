@@ -518,9 +518,12 @@ def _refuse_over_budget(engine: Engine, req: RunRequest, provider, options: _run
     p.price_per_mtok = provider.price_per_mtok
     _plan.compute(engine, p, options, provider.fit, _open_cursors(engine, key))
     report.event("plan", **p.as_dict())
-    if p.cost_usd > req.max_cost:
+    batch = req.extra.get("mode", "sync") == "batch"
+    cost = p.cost_usd_batch if batch else p.cost_usd
+    if cost > req.max_cost:
         raise ConfigError(
-            f"this run would cost ${p.cost_usd:.4f} ({p.tokens:,} tokens at ${p.price_per_mtok:g} per 1M), above "
+            f"this run would cost ${cost:.4f} ({p.tokens:,} tokens at ${p.price_per_mtok:g} per 1M"
+            f"{', Batch API half price' if batch else ''}), above "
             f"--max-cost {req.max_cost:g}: raise --max-cost, or narrow it with -u/--target/--limit "
             "(see `backfill plan`)"
         )

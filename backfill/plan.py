@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from backfill import dedupe, runner, targets
-from backfill.providers.base import PRICES
+from backfill.providers.base import BATCH_PRICE_FACTOR, PRICES
 
 # A new OpenAI account's embedding limits (tier 1); pass --max-rpm/--max-tpm for yours.
 DEFAULT_LIMITS = {"rpm": 3_000.0, "tpm": 1_000_000.0}
@@ -66,6 +66,11 @@ class Plan:
         return self.tokens * self.price_per_mtok / 1_000_000
 
     @property
+    def cost_usd_batch(self) -> float:
+        """The same tokens through the Batch API (`run --mode batch`), billed at half the price."""
+        return self.cost_usd * BATCH_PRICE_FACTOR
+
+    @property
     def eta_s(self) -> float | None:
         """Minutes of quota the work needs, in seconds (latency and our own overhead not included)."""
         if self.rpm is None and self.tpm is None:
@@ -78,7 +83,7 @@ class Plan:
         out.update(rows=self.rows, skipped=sum(t.skipped for t in self.targets.values()),
                    copied=sum(t.copied for t in self.targets.values()), tokens=self.tokens,
                    truncated=sum(t.truncated for t in self.targets.values()), requests=self.requests,
-                   cost_usd=self.cost_usd, eta_s=self.eta_s)
+                   cost_usd=self.cost_usd, cost_usd_batch=self.cost_usd_batch, eta_s=self.eta_s)
         return out
 
 
@@ -179,6 +184,8 @@ def render(plan: Plan) -> str:
     price = {"table": "price table", "--price-per-mtok": "--price-per-mtok", "local": "the local model is free",
              "unknown": "model not in the price table: pass --price-per-mtok"}[plan.price_source]
     lines.append(f"  cost      ${plan.cost_usd:.6f}  ({plan.tokens:,} tokens x ${plan.price_per_mtok:g} per 1M; {price})")
+    if plan.cost_usd:
+        lines.append(f"  batch     ${plan.cost_usd_batch:.6f}  with --mode batch (the Batch API bills half; results within 24 h)")
     if plan.limits_source == "none":
         lines.append("  ETA       - (no quota for this provider; pass --max-rpm/--max-tpm to estimate)")
     else:

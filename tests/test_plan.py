@@ -81,6 +81,11 @@ def test_max_cost_below_the_plan_refuses_before_any_request(tmp_path, cli):
             assert "--max-cost" in refused.stderr and "Traceback" not in refused.output
             assert len(refused.stderr.strip().splitlines()) == 1
             assert server.stats()["requests"] == 0
+        assert p["cost_usd_batch"] == p["cost_usd"] * 0.5  # the Batch API bills half
+        refused = cli("run", *RUN_ARGS, "--mode", "batch", "--max-cost", str(p["cost_usd"] * 0.4), "--log-format",
+                      "human", env=env)
+        assert refused.code == 2 and "Batch API half price" in refused.stderr, refused.output
+        assert server.stats()["requests"] == 0 and not _jobs(engine)
         assert sum(j["embedded"] for j in _jobs(engine)) == 0
         assert {t: embeddings(engine, t) for t in ("memories", "entities")} == before
         ok = cli("run", *RUN_ARGS, "--max-cost", str(p["cost_usd"] * 1.01), env=env)

@@ -12,6 +12,7 @@ PRICES = {
     "text-embedding-3-large": 0.13,
     "text-embedding-ada-002": 0.10,
 }
+BATCH_PRICE_FACTOR = 0.5  # the Batch API (`run --mode batch`) bills half the synchronous price
 DEFAULT_DIMENSIONS = {
     "text-embedding-3-small": 1536,
     "text-embedding-3-large": 3072,
