@@ -12,7 +12,7 @@ import socket
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from typing import Any, Callable
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
@@ -168,6 +168,19 @@ def advance(conn: Connection, job_id: int, worker: str, *, cursors: dict[str, in
     ).rowcount
     if changed != 1:
         raise BackfillError(f"lost the lease on job {job_id}: another worker took it over; stopping")
+
+
+def batch_landed(engine: sa.Engine, job_id: int) -> Callable[[Connection], bool]:
+    """Before a batch's commit: a check that tells, after a lost answer, whether the commit landed.
+
+    Only the lease holder commits batches and each commit adds exactly one to `batches`."""
+    from backfill.db import retrying
+
+    def count(conn: Connection) -> int:
+        return int(conn.execute(sa.select(jobs_t.c.batches).where(jobs_t.c.id == job_id)).scalar() or 0)
+
+    before = retrying(engine, count, write=False)
+    return lambda conn: count(conn) > before
 
 
 def finish(conn: Connection, job_id: int, worker: str, status: str, reason: str | None = None) -> None:
