@@ -126,8 +126,7 @@ def _claim(engine: Engine, job: _jobs.Job, worker: str, req: RunRequest) -> _job
     deadline = _time.monotonic() + req.wait_timeout_s
     while True:
         try:
-            with engine.begin() as conn:
-                return _jobs.claim(conn, _jobs.get(conn, job.id), worker)
+            return db.retrying(engine, lambda conn: _jobs.claim(conn, _jobs.get(conn, job.id), worker))
         except LeaseHeld:
             if not req.wait or _time.monotonic() >= deadline:
                 raise
@@ -161,8 +160,7 @@ def _drive(settings: Settings, engine: Engine, job: _jobs.Job, provider, req: Ru
         reason = f"{type(exc).__name__}"
         raise
     finally:
-        with engine.begin() as conn:
-            _jobs.finish(conn, job.id, worker, status, reason)
+        db.retrying(engine, lambda conn: _jobs.finish(conn, job.id, worker, status, reason))
     with engine.connect() as conn:
         final = _jobs.get(conn, job.id)
         cov = coverage.collect(conn, job.user_email)

@@ -11,6 +11,7 @@ import sys
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -28,6 +29,7 @@ class Backend:
     name: str
     url: str
     path: Path | None
+    server: Any = None  # the LibsqlServer of a remote-libsql backend (drop_next, stats)
 
     def engine(self) -> sa.Engine:
         return engine_for(resolve(self.url), must_exist=False)
@@ -65,7 +67,7 @@ def make_backend(name: str, tmp_path: Path) -> Backend:
         path = tmp_path / "memory-remote.db"
         server = LibsqlServer(str(path)).start()
         _SERVERS.append(server)
-        return Backend(name, server.url, path)
+        return Backend(name, server.url, path, server)
     base = _pg_url()
     if not base:
         if os.environ.get("CI"):
