@@ -170,12 +170,13 @@ def _drive(settings: Settings, engine: Engine, job: _jobs.Job, provider, req: Ru
         with engine.connect() as conn:
             outcome.failed_ids = [(r["target"], r["row_id"]) for r in _jobs.open_failures(conn, job.id)]
     tables = [t for t in cov.tables if job.target in ("all", t.table)]
+    outcome.unaddressable = sum(t.unaddressable for t in tables)
     total_rows = sum(t.total for t in tables)
     pct = 100.0 * sum(t.with_embedding for t in tables) / total_rows if total_rows else 100.0
     report.event("job_finished", job=job.id, status=status, stop_reason=reason, selected=final.selected,
                  embedded=final.embedded, failed=final.failed, skipped=final.skipped, batches=final.batches,
                  requests=final.requests, tokens=final.tokens, cost_usd=round(final.cost_usd, 6),
-                 coverage=round(pct, 2), failed_ids=[f"{t}:{i}" for t, i in outcome.failed_ids[:100]])
+                 coverage=round(pct, 2), unaddressable=outcome.unaddressable, failed_ids=[f"{t}:{i}" for t, i in outcome.failed_ids[:100]])
     report.say(report.final_block(outcome, pct, total_rows))
     if status == "interrupted" and stop.signalled:
         raise Interrupted(f"job {job.id} interrupted; resume with `backfill resume {job.id}`")

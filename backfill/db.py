@@ -178,6 +178,13 @@ def _sqlite_pragmas(engine: Engine) -> None:
         cur = dbapi_conn.cursor()
         cur.execute("PRAGMA busy_timeout = 30000")
         cur.close()
+        # a TEXT value that is not valid UTF-8 (SQLite stores whatever it is given) must not stop a
+        # job: undecodable bytes become lone surrogates, which every text recipe removes
+        dbapi_conn.text_factory = _lenient_text
+
+
+def _lenient_text(raw: bytes) -> str:
+    return raw.decode("utf-8", "surrogateescape")
 
 
 def probe(engine: Engine, target: Target, settings: Settings | None = None) -> None:

@@ -27,6 +27,7 @@ class TableStats:
     missing: int
     malformed: int
     coverage: float
+    unaddressable: int = 0  # rows whose key is NULL: nothing can be written back to them
 
     @property
     def verdict(self) -> str:
@@ -82,13 +83,14 @@ def table_stats(conn: Connection, spec: Spec, user_id: str | None = None) -> Tab
         sa.func.count(),
         sa.func.coalesce(sa.func.sum(sa.case((is_valid, 1), else_=0)), 0),
         sa.func.coalesce(sa.func.sum(sa.case((is_missing, 1), else_=0)), 0),
+        sa.func.coalesce(sa.func.sum(sa.case((spec.key.is_(None), 1), else_=0)), 0),
     ).select_from(spec.table)
     if user_id is not None:
         q = q.where(spec.user_id == user_id)
-    total, good, miss = conn.execute(q).one()
+    total, good, miss, keyless = conn.execute(q).one()
     total, good, miss = int(total), int(good), int(miss)
     coverage = round(100.0 * good / total, 2) if total else 100.0
-    return TableStats(spec.name, total, good, miss, total - good - miss, coverage)
+    return TableStats(spec.name, total, good, miss, total - good - miss, coverage, int(keyless))
 
 
 def collect(conn: Connection, user_email: str | None = None) -> Stats:
