@@ -6,7 +6,7 @@ import json
 
 from sqlalchemy.engine import Engine
 
-from backfill import db, migrate as migrations, report, stats as coverage
+from backfill import db, locks, migrate as migrations, report, stats as coverage
 from backfill.config import Settings
 from backfill.errors import SchemaDrift
 
@@ -21,7 +21,8 @@ def open_database(settings: Settings, *, must_exist: bool = True) -> tuple[db.Ta
 
 def migrate(settings: Settings) -> int:
     target, engine = open_database(settings, must_exist=False)
-    result = migrations.migrate(engine)
+    with locks.schema_lock(target, engine):  # concurrent `up`s migrate one after the other
+        result = migrations.migrate(engine)
     messages = {
         "at-head": f"schema already at head ({result.to_revision}); nothing to do",
         "created": f"created the schema at {result.to_revision} in {target.display}",
@@ -131,6 +132,7 @@ def _claim(engine: Engine, job: _jobs.Job, worker: str, req: RunRequest) -> _job
             if not req.wait or _time.monotonic() >= deadline:
                 raise
             report.say(f"job {job.id} is busy; waiting for its worker to finish")
+            report.event("job_busy", job=job.id, waiting=True)
             _time.sleep(2.0)
 
 
@@ -195,6 +197,7 @@ def run(settings: Settings, req: RunRequest) -> int:
     options = _options(req, user_id)
     key = _jobs.JobKey("run", req.target, user_id, provider.name, provider.model, provider.dimensions, req.recipe)
     with engine.begin() as conn:
+        locks.jobs_lock(conn)  # find-or-create is atomic: workers started at once share one job
         job = _jobs.find_open(conn, key)
         if job is None:
             if not req.reembed_all:

@@ -167,7 +167,7 @@ def advance(conn: Connection, job_id: int, worker: str, *, cursors: dict[str, in
         jobs_t.update().where(jobs_t.c.id == job_id, jobs_t.c.worker_id == worker).values(**values)
     ).rowcount
     if changed != 1:
-        raise BackfillError(f"lost the lease on job {job_id}: another worker took it over; stopping")
+        raise LeaseHeld(f"lost the lease on job {job_id}: another worker took it over; stopping")
 
 
 def batch_landed(engine: sa.Engine, job_id: int) -> Callable[[Connection], bool]:
