@@ -6,6 +6,8 @@ worker · 130 interrupted (resumable) · 70 internal error (a bug; rerun with --
 
 from __future__ import annotations
 
+import signal
+
 from typing import Annotated, Callable, Optional
 
 import typer
@@ -28,6 +30,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",  # so help text may say [default: …] and `code`
 )
 
 DatabaseUrl = Annotated[
@@ -144,6 +147,18 @@ MaxRpm = Annotated[Optional[float], typer.Option("--max-rpm", help="Requests per
 MaxTpm = Annotated[Optional[float], typer.Option("--max-tpm", help="Tokens per minute [default: learned from headers].")]
 Timeout = Annotated[float, typer.Option("--timeout", help="Seconds per API request.")]
 Wait = Annotated[bool, typer.Option("--wait", help="If another worker holds the job, wait for it instead of exiting 4.")]
+ReembedStale = Annotated[bool, typer.Option(
+    "--reembed-stale", help="Also re-embed stale rows: text edited since it was embedded, another model/dimensions, "
+    "or an older recipe (see `backfill stats`). Rows without provenance are left alone.")]
+AdoptExisting = Annotated[bool, typer.Option(
+    "--adopt-existing", help="Record provenance (today's text hash) for vectors embedded before this tool, "
+    "without re-embedding them, so later edits count as stale.")]
+MaxFailedRatio = Annotated[Optional[float], typer.Option(
+    "--max-failed-ratio", min=0.0, max=1.0, help="Exit 3 only when failed/selected rows exceed this ratio "
+    "(e.g. 0.01); at or below it failures are reported and the exit is 0. [default: any failure exits 3]")]
+VectorColumn = Annotated[Optional[str], typer.Option(
+    "--vector-column", help="libSQL only: also write each vector into this native F32_BLOB(dims) column "
+    "(added if missing) via vector32(); then run `backfill index`.")]
 JobArg = Annotated[Optional[int], typer.Argument(help="Job id [default: the latest matching job].", show_default=False)]
 
 
@@ -164,6 +179,8 @@ def run(
     delay_ms: DelayMs = 0, concurrency: Concurrency = 4, limit: Limit = None, max_runtime: MaxRuntime = None,
     recipe: Recipe = "mcp-memory-ts/1", reembed_all: ReembedAll = False, max_rpm: MaxRpm = None,
     max_tpm: MaxTpm = None, timeout: Timeout = 60.0, wait: Wait = False, log_format: LogFormat = "auto",
+    reembed_stale: ReembedStale = False, adopt_existing: AdoptExisting = False,
+    max_failed_ratio: MaxFailedRatio = None, vector_column: VectorColumn = None,
 ) -> None:
     """Embed every row that needs it: start a job, or resume the open one with the same parameters.
 
@@ -173,6 +190,8 @@ def run(
 
     req = _request(provider, model, dimensions, target, user_email, batch_size, delay_ms, concurrency, limit,
                    max_runtime, recipe, reembed_all, max_rpm, max_tpm, timeout, wait)
+    req.reembed_stale, req.adopt_existing = reembed_stale, adopt_existing
+    req.max_failed_ratio, req.vector_column = max_failed_ratio, vector_column
     _execute(log_format, lambda: load_settings(database_url, openai_base_url=base_url), lambda s: commands.run(s, req))
 
 
@@ -183,6 +202,8 @@ def up(
     delay_ms: DelayMs = 0, concurrency: Concurrency = 4, limit: Limit = None, max_runtime: MaxRuntime = None,
     recipe: Recipe = "mcp-memory-ts/1", reembed_all: ReembedAll = False, max_rpm: MaxRpm = None,
     max_tpm: MaxTpm = None, timeout: Timeout = 60.0, wait: Wait = False, log_format: LogFormat = "auto",
+    reembed_stale: ReembedStale = False, adopt_existing: AdoptExisting = False,
+    max_failed_ratio: MaxFailedRatio = None, vector_column: VectorColumn = None,
 ) -> None:
     """The whole chain: migrate -> verify -> run (resuming the open job) -> stats. Safe after every deploy.
 
@@ -192,6 +213,8 @@ def up(
 
     req = _request(provider, model, dimensions, target, user_email, batch_size, delay_ms, concurrency, limit,
                    max_runtime, recipe, reembed_all, max_rpm, max_tpm, timeout, wait)
+    req.reembed_stale, req.adopt_existing = reembed_stale, adopt_existing
+    req.max_failed_ratio, req.vector_column = max_failed_ratio, vector_column
     _execute(log_format, lambda: load_settings(database_url, openai_base_url=base_url), lambda s: commands.up(s, req))
 
 
@@ -266,6 +289,23 @@ def cancel(job: Annotated[int, typer.Argument(help="Job id.")], database_url: Da
     _execute(log_format, lambda: load_settings(database_url), lambda s: commands.cancel(s, job))
 
 
+@app.command()
+def index(
+    vector_column: Annotated[str, typer.Option("--vector-column", help="The F32_BLOB column written by "
+                                               "`run --vector-column` (libSQL only).")],
+    database_url: DatabaseUrl = None, target: Target = "all", log_format: LogFormat = "auto",
+) -> None:
+    """Build the libSQL vector index (libsql_vector_idx) after the backfill and check vector_top_k on 20 probes.
+
+    Fills the column where it is still NULL first. Exit 1 if a probe is not found.
+
+    Example: backfill index --vector-column embedding_vec --database-url sqlite+libsql:///memory.db
+    """
+    from backfill import commands
+
+    _execute(log_format, lambda: load_settings(database_url), lambda s: commands.index(s, vector_column, target))
+
+
 @app.command("sample-db")
 def sample_db(
     path: Annotated[str, typer.Argument(help="SQLite file to create (must not exist).")],
@@ -285,5 +325,10 @@ def sample_db(
              lambda s: commands.sample_db(s, memories=memories, entities=entities, dimensions=dimensions, seed=seed))
 
 
+def _terminate(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt  # SIGTERM before the run loop takes over: clean up and exit 130 like Ctrl-C
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, _terminate)
     app()

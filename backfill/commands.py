@@ -88,6 +88,10 @@ class RunRequest:
     wait: bool = False
     wait_timeout_s: float = 600.0
     extra: dict = _field(default_factory=dict)
+    reembed_stale: bool = False
+    adopt_existing: bool = False
+    max_failed_ratio: float | None = None
+    vector_column: str | None = None
 
 
 def _require_tables(engine: Engine) -> None:
@@ -112,7 +116,8 @@ def _options(req: RunRequest, user_id: str | None) -> _runner.RunOptions:
     return _runner.RunOptions(
         target=req.target, user_id=user_id, batch_size=req.batch_size, concurrency=req.concurrency,
         delay_ms=req.delay_ms, limit=req.limit, max_runtime_s=req.max_runtime_s, recipe=req.recipe,
-        reembed_all=req.reembed_all,
+        reembed_all=req.reembed_all, reembed_stale=req.reembed_stale, model=req.model,
+        vector_column=req.vector_column,
     )
 
 
@@ -165,7 +170,7 @@ def _drive(settings: Settings, engine: Engine, job: _jobs.Job, provider, req: Ru
         db.retrying(engine, lambda conn: _jobs.finish(conn, job.id, worker, status, reason))
     with engine.connect() as conn:
         final = _jobs.get(conn, job.id)
-        cov = coverage.collect(conn, job.user_email)
+        cov = coverage.collect(conn, job.user_email, with_stale=False)
     outcome.status, outcome.stop_reason = status, reason
     outcome.failed = int(final.failed)
     if not outcome.failed_ids and outcome.failed:
@@ -178,37 +183,68 @@ def _drive(settings: Settings, engine: Engine, job: _jobs.Job, provider, req: Ru
     report.event("job_finished", job=job.id, status=status, stop_reason=reason, selected=final.selected,
                  embedded=final.embedded, failed=final.failed, skipped=final.skipped, batches=final.batches,
                  requests=final.requests, tokens=final.tokens, cost_usd=round(final.cost_usd, 6),
-                 coverage=round(pct, 2), unaddressable=outcome.unaddressable, failed_ids=[f"{t}:{i}" for t, i in outcome.failed_ids[:100]])
+                 tokens_saved=final.tokens_saved, unaddressable=outcome.unaddressable,
+                 coverage=round(pct, 2), failed_ids=[f"{t}:{i}" for t, i in outcome.failed_ids[:100]])
     report.say(report.final_block(outcome, pct, total_rows))
     if status == "interrupted" and stop.signalled:
         raise Interrupted(f"job {job.id} interrupted; resume with `backfill resume {job.id}`")
-    if status == "done" and final.failed:
+    if status == "done" and final.failed and _tolerated(req, final.failed, final.selected):
+        report.say(f"{final.failed} of {final.selected} row(s) failed, within --max-failed-ratio "
+                   f"{req.max_failed_ratio}: exit 0 (re-run them with `backfill retry-failed {job.id}`)")
+        report.event("failures_tolerated", job=job.id, failed=final.failed, selected=final.selected,
+                     max_failed_ratio=req.max_failed_ratio)
+    elif status == "done" and final.failed:
         raise RowsFailed(f"job {job.id}: {final.failed} row(s) failed; re-run them with `backfill retry-failed {job.id}`")
     return 0
 
 
+def _tolerated(req: RunRequest, failed: int, selected: int) -> bool:
+    """--max-failed-ratio R: failures up to R of the selected rows do not fail the command."""
+    return req.max_failed_ratio is not None and selected > 0 and failed / selected <= req.max_failed_ratio
+
+
 def run(settings: Settings, req: RunRequest) -> int:
     _validate(req)
-    _target, engine = open_database(settings)
+    target, engine = open_database(settings)
+    if req.vector_column:
+        from backfill import vectors
+
+        vectors.check_backend(target.kind, req.vector_column)
     _require_tables(engine)
     with engine.connect() as conn:
         user_id = coverage.user_id_for(conn, req.user_email) if req.user_email else None
     provider = _build_provider(settings, req)
+    req.model = provider.model
     options = _options(req, user_id)
     key = _jobs.JobKey("run", req.target, user_id, provider.name, provider.model, provider.dimensions, req.recipe)
     with engine.begin() as conn:
         locks.jobs_lock(conn)  # find-or-create is atomic: workers started at once share one job
         job = _jobs.find_open(conn, key)
         if job is None:
-            if not req.reembed_all:
+            if not (req.reembed_all or req.reembed_stale):
                 for spec in _targets.specs_for(req.target):
                     _runner.ensure_compatible(conn, spec, provider, user_id)
+            elif req.reembed_stale and not req.reembed_all:
+                from backfill import stale
+
+                for spec in _targets.specs_for(req.target):
+                    stale.refuse_mixing(conn, spec, provider.model, provider.dimensions, user_id)
             params = {"batch_size": req.batch_size, "concurrency": req.concurrency, "delay_ms": req.delay_ms,
                       "reembed_all": req.reembed_all, "base_url": settings.openai_base_url}
+            if req.reembed_stale:
+                params["reembed_stale"] = True
+            if req.vector_column:
+                params["vector_column"] = req.vector_column
             job = _jobs.create(conn, key, user_email=req.user_email, batch_size=req.batch_size, params=params)
             report.say(f"started job {job.id}: {req.target} with {provider.model} ({provider.dimensions} dimensions)")
         else:
             report.say(f"resuming job {job.id} from its last committed batch")
+        if req.vector_column:  # last: every refusal above comes before this DDL
+            for name in vectors.prepare(conn, target.kind, _targets.specs_for(req.target), req.vector_column,
+                                        provider.dimensions):
+                report.say(f"added column {name}.{req.vector_column} F32_BLOB({provider.dimensions})")
+    if req.adopt_existing:
+        _adopt(engine, job, provider, req, user_id)
     return _drive(settings, engine, job, provider, req, options)
 
 
@@ -217,7 +253,19 @@ def _job_request(job: _jobs.Job, req: RunRequest) -> RunRequest:
     req.provider, req.model, req.dimensions = job.provider, job.model, job.dimensions
     req.target, req.user_email, req.recipe = job.target, job.user_email, job.recipe_version
     req.reembed_all = bool(params.get("reembed_all"))
+    req.reembed_stale = bool(params.get("reembed_stale"))
+    req.vector_column = params.get("vector_column")
     return req
+
+
+def _adopt(engine: Engine, job: _jobs.Job, provider, req: RunRequest, user_id: str | None) -> None:  # noqa: ANN001
+    from backfill import stale
+
+    for spec in _targets.specs_for(req.target):
+        n = stale.adopt(engine, spec, provider=provider.name, model=provider.model, dimensions=provider.dimensions,
+                        recipe=req.recipe, user_id=user_id, job_id=job.id)
+        report.say(f"adopted {n} existing {spec.name} vector(s): provenance recorded, nothing sent")
+        report.event("adopted", job=job.id, target=spec.name, rows=n)
 
 
 def _pick_job(conn, job_id: int | None, statuses: tuple[str, ...], what: str) -> _jobs.Job:  # noqa: ANN001
@@ -273,7 +321,9 @@ def _job_view(conn, job: _jobs.Job, *, remaining: bool) -> dict:  # noqa: ANN001
     row["rate_rows_s"] = None if rate is None else round(rate, 2)
     if remaining and job.status in _jobs.OPEN_STATUSES:
         opts = _runner.RunOptions(target=job.target, user_id=job.user_id,
-                                  reembed_all=bool(job.params.get("reembed_all")))
+                                  reembed_all=bool(job.params.get("reembed_all")),
+                                  reembed_stale=bool(job.params.get("reembed_stale")), model=job.model,
+                                  recipe=job.recipe_version)
         left = sum(_runner.count_remaining(conn, s, job.dimensions, opts, job.cursors.get(s.name, 0))
                    for s in _targets.specs_for(job.target))
         row["remaining"] = left
@@ -346,6 +396,23 @@ def up(settings: Settings, req: RunRequest) -> int:
         stats(settings, user_email=req.user_email)
         raise exc
     stats(settings, user_email=req.user_email)
+    return 0
+
+
+def index(settings: Settings, column: str, target: str = "all") -> int:
+    """Fill the native vector column where NULL, build its libsql_vector_idx index, check vector_top_k."""
+    from backfill import vectors
+
+    if target not in _targets.TARGET_CHOICES:
+        raise ConfigError(f"--target must be one of {', '.join(_targets.TARGET_CHOICES)}")
+    kind, engine = open_database(settings)
+    vectors.check_backend(kind.kind, column)
+    for spec in _targets.specs_for(target):
+        res = vectors.build_and_check(engine, kind.kind, spec, column)
+        report.say(f"{res.index}: {res.rows} vectors ({res.filled} filled now); vector_top_k found "
+                   f"{res.found}/{res.probes} probes")
+        report.event("index_built", table=res.table, index=res.index, rows=res.rows, filled=res.filled,
+                     probes=res.probes, found=res.found)
     return 0
 
 

@@ -66,6 +66,8 @@ def include_object(obj, name, type_, reflected, compare_to):  # noqa: ANN001 - A
     """Compare only what the migrations own; ignore FTS5/libSQL shadow tables and foreign tables."""
     if type_ == "index" and name in EXPRESSION_INDEXES:
         return False
+    if type_ == "column" and reflected and compare_to is None and isinstance(obj.type, sa.types.NullType):
+        return False  # an added column of a type SQLAlchemy cannot read: libSQL's F32_BLOB (vectors.py)
     if type_ == "table":
         if name is None or _is_shadow(name) or name in baseline.FTS_TABLES:
             return False
@@ -125,7 +127,9 @@ def _embedding_column_differences(conn: Connection) -> list[str]:
     for table in ("memories", "entities"):
         if not inspector.has_table(table):
             continue
-        cols = {c["name"]: c for c in inspector.get_columns(table)}
+        with warnings.catch_warnings():  # a native F32_BLOB(n) column (vectors.py) reflects as NullType
+            warnings.simplefilter("ignore", sa.exc.SAWarning)
+            cols = {c["name"]: c for c in inspector.get_columns(table)}
         col = cols.get("embedding")
         if col is None:
             out.append(f"missing column {table}.embedding")

@@ -87,6 +87,10 @@ def stats_block(stats_dict: dict) -> str:
             f"missing {t['missing']:>7}  malformed {t['malformed']:>5}  coverage {t['coverage']:6.2f}%  {t['verdict']}"
             + (f"  unaddressable {t['unaddressable']} (NULL key)" if t.get("unaddressable") else "")
         )
+        if t.get("stale") or t.get("unknown"):
+            why = ", ".join(f"{k} {v}" for k, v in t.get("stale_reasons", {}).items() if v)
+            lines.append(f"  {'':<9} stale {t['stale']:>8}{f' ({why})' if why else ''}  "
+                         f"unknown {t['unknown']:>8} (no provenance; --adopt-existing records it)")
     lines.append(f"Health: {stats_dict['verdict']}")
     if stats_dict.get("recommendation"):
         lines.append(f"Recommendation: {stats_dict['recommendation']}")
@@ -171,6 +175,8 @@ def final_block(outcome: Any, coverage: float | None, total_rows: int | None) ->
     if coverage is not None:
         rows.append(f"   Coverage: {coverage:.0f}% of {total_rows} rows")
     rows += [f"   Batches processed: {outcome.batches}", f"   Tokens: {outcome.tokens:,}  Cost: ${outcome.cost_usd:.4f}"]
+    if getattr(outcome, "tokens_saved", 0):
+        rows.append(f"   Tokens saved by same-text dedupe: {outcome.tokens_saved:,}")
     if outcome.failed_ids:
         rows += ["", f"Failed IDs ({len(outcome.failed_ids)}):"]
         rows += [f"   - {t}:{i}" for t, i in outcome.failed_ids[:10]]

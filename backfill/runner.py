@@ -19,7 +19,7 @@ from typing import Any, Iterator, Sequence
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from backfill import db, jobs, targets
+from backfill import db, dedupe, jobs, stale, targets, vectors
 from backfill.errors import ConfigError
 from backfill.providers.base import BadInput, FatalProviderError, Provider, ProviderError
 from backfill.schema import backfill_embeddings
@@ -39,6 +39,9 @@ class RunOptions:
     max_runtime_s: float | None = None
     recipe: str = targets.DEFAULT_RECIPE
     reembed_all: bool = False
+    reembed_stale: bool = False  # also re-embed rows whose vector is stale (stale.py)
+    model: str | None = None  # the job's model: the reference for --reembed-stale counts
+    vector_column: str | None = None  # libSQL F32_BLOB column written beside the JSON (vectors.py)
 
     @property
     def page_size(self) -> int:
@@ -62,6 +65,8 @@ class PageResult:
     texts: dict[int, str] = field(default_factory=dict)
     tokens: int = 0
     requests: int = 0
+    copies: dict[int, int] = field(default_factory=dict)  # row -> row with the identical text (dedupe.py)
+    tokens_saved: int = 0
 
 
 @dataclass
@@ -77,6 +82,7 @@ class Outcome:
     tokens: int = 0
     cost_usd: float = 0.0
     elapsed_s: float = 0.0
+    tokens_saved: int = 0
     failed_ids: list[tuple[str, int]] = field(default_factory=list)
 
 
@@ -131,6 +137,9 @@ def needing(spec: targets.Spec, dialect: str, dimensions: int, options: RunOptio
 
 
 def count_remaining(conn: Connection, spec: targets.Spec, dimensions: int, options: RunOptions, after: int) -> int:
+    if options.reembed_stale and not options.reembed_all:
+        ref = stale.Reference(options.model, dimensions, options.recipe)
+        return stale.remaining(conn, spec, ref, options.user_id, after)
     q = sa.select(sa.func.count()).select_from(spec.table).where(
         spec.key > after, needing(spec, conn.dialect.name, dimensions, options), *scope(spec, options.user_id))
     return int(conn.execute(q).scalar() or 0)
@@ -155,6 +164,9 @@ class Runner:
 
     # --- enumerate ------------------------------------------------------------------------
     def _pages(self, spec: targets.Spec, cursor: int) -> Iterator[list[sa.Row]]:
+        if self.options.reembed_stale and not self.options.reembed_all:
+            yield from stale.pages(self, spec, cursor)
+            return
         while not self.stop.reason:
             size = self.options.page_size
             if self.options.limit is not None:
@@ -197,8 +209,8 @@ class Runner:
             if not text:
                 result.skipped[row_id] = "blank text: nothing to embed"
                 continue
+            result.texts[row_id] = text  # provenance hashes the full recipe text (stale.py recomputes it)
             text, count, cut = self.provider.fit(text)
-            result.texts[row_id] = text
             items.append(Item(spec.name, row_id, text, count, cut))
         return items
 
@@ -248,7 +260,10 @@ class Runner:
 
     def _embed_page(self, pool: ThreadPoolExecutor, spec: targets.Spec, rows: list[sa.Row]) -> PageResult:
         result = PageResult()
-        futures: list[Future] = [pool.submit(self._embed, req) for req in self._requests(self._items(spec, rows, result))]
+        items = dedupe.reduce(self.engine, spec, self._items(spec, rows, result), result, model=self.provider.model,
+                              dimensions=self.job.dimensions, recipe=self.options.recipe, user_id=self.options.user_id,
+                              across_jobs=not self.options.reembed_all)
+        futures: list[Future] = [pool.submit(self._embed, req) for req in self._requests(items)]
         pending = set(futures)
         while pending:
             done, pending = wait(pending, timeout=15, return_when=FIRST_COMPLETED)
@@ -263,6 +278,7 @@ class Runner:
                     result.vectors[item.row_id] = vector
                 else:
                     result.failures[item.row_id] = error or "unknown error"
+        dedupe.spread(result)
         return result
 
     # --- record progress ------------------------------------------------------------------
@@ -279,7 +295,7 @@ class Runner:
         def _write(conn: Connection) -> None:  # one transaction; retried whole on a locked/dropped database
             deltas: dict[str, float] = dict(
                 embedded=len(result.vectors), batches=1, requests=result.requests, tokens=result.tokens,
-                cost_usd=cost, elapsed_s=elapsed - self.job_elapsed_committed)
+                cost_usd=cost, elapsed_s=elapsed - self.job_elapsed_committed, tokens_saved=result.tokens_saved)
             if retry:
                 deltas["failed"] = -len(result.vectors)  # recorded failures that now succeeded
             else:
@@ -293,6 +309,8 @@ class Runner:
                     spec.table.update().where(*cond).values(embedding=sa.bindparam("e")),
                     [{"k": rid, "e": json.dumps(vec, separators=(",", ":"))} for rid, vec in result.vectors.items()],
                 )
+                if self.options.vector_column:
+                    vectors.write(conn, spec, self.options.vector_column, list(result.vectors))
                 self._provenance(conn, spec, result, stamp)
             jobs.upsert_failures(conn, self.job.id, [
                 *({"target": spec.name, "row_id": rid, "kind": "failed", "error": err[:1000]}
@@ -334,6 +352,7 @@ class Runner:
         o.embedded += len(result.vectors)
         o.batches += 1
         o.tokens += result.tokens
+        o.tokens_saved += result.tokens_saved
         o.cost_usd += result.tokens * self.provider.price_per_mtok / 1_000_000
         o.failed_ids.extend((spec.name, rid) for rid in result.failures)
         self.progress.batch(self, spec.name, rows, result, cursor)

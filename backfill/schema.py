@@ -181,6 +181,7 @@ backfill_jobs = sa.Table(
     sa.Column("created_at", Text, nullable=False),
     sa.Column("updated_at", Text, nullable=False),
     sa.Column("finished_at", Text),
+    sa.Column("tokens_saved", Integer, nullable=False, server_default="0"),  # 0004: same-text dedupe
     sqlite_autoincrement=True,
 )
 sa.Index("ix_backfill_jobs_status", backfill_jobs.c.status)
@@ -214,5 +215,6 @@ backfill_embeddings = sa.Table(
     sa.Column("embedded_at", Text, nullable=False),
 )
 sa.Index("ix_backfill_embeddings_model", backfill_embeddings.c.target, backfill_embeddings.c.model)
+sa.Index("ix_backfill_embeddings_hash", backfill_embeddings.c.target, backfill_embeddings.c.content_hash)  # 0004
 
 OWN_TABLE_NAMES = frozenset({"backfill_jobs", "backfill_failures", "backfill_embeddings"})

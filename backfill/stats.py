@@ -3,15 +3,17 @@
 For each embeddable table: total rows, rows with an embedding (a JSON array of numbers), rows
 missing one (NULL, '' or '[]'), rows whose embedding is malformed, and coverage of the whole
 table (not "of what was missing at start", the seed's mistake). Optionally per user.
+Also stale rows (edited text, other model or recipe) and unknown ones (no provenance): stale.py.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from backfill import stale
 from backfill.errors import ConfigError
 from backfill.schema import users
 from backfill.targets import SPECS, Spec, missing, valid_vector
@@ -27,6 +29,9 @@ class TableStats:
     missing: int
     malformed: int
     coverage: float
+    stale: int = 0  # valid vectors that no longer match (see stale.py), by reason in stale_reasons
+    unknown: int = 0  # valid vectors without provenance (embedded before this tool)
+    stale_reasons: dict = field(default_factory=dict)
     unaddressable: int = 0  # rows whose key is NULL: nothing can be written back to them
 
     @property
@@ -49,9 +54,10 @@ class Stats:
     @property
     def recommendation(self) -> str | None:
         low = [t.table for t in self.tables if t.verdict != "healthy"]
-        if not low:
-            return None
         scope = f" -u {self.user_email}" if self.user_email else ""
+        stale = sum(t.stale for t in self.tables)
+        if not low:
+            return f"{stale} stale row(s): run `backfill run --reembed-stale{scope}`" if stale else None
         return f"coverage below {HEALTHY_COVERAGE:.0f}% for {', '.join(low)}: run `backfill up{scope}`"
 
     def as_dict(self) -> dict:
@@ -74,7 +80,7 @@ def user_id_for(conn: Connection, email: str) -> str:
     return found
 
 
-def table_stats(conn: Connection, spec: Spec, user_id: str | None = None) -> TableStats:
+def table_stats(conn: Connection, spec: Spec, user_id: str | None = None, with_stale: bool = True) -> TableStats:
     dialect = conn.dialect.name
     col = spec.embedding
     is_missing = missing(col)
@@ -90,9 +96,12 @@ def table_stats(conn: Connection, spec: Spec, user_id: str | None = None) -> Tab
     total, good, miss, keyless = conn.execute(q).one()
     total, good, miss = int(total), int(good), int(miss)
     coverage = round(100.0 * good / total, 2) if total else 100.0
-    return TableStats(spec.name, total, good, miss, total - good - miss, coverage, int(keyless))
+    found = stale.count(conn, spec, stale.reference_for(conn, spec.name), user_id) if with_stale else stale.StaleCounts()
+    return TableStats(spec.name, total, good, miss, total - good - miss, coverage, found.total, found.unknown,
+                      found.stale, unaddressable=int(keyless))
 
 
-def collect(conn: Connection, user_email: str | None = None) -> Stats:
+def collect(conn: Connection, user_email: str | None = None, *, with_stale: bool = True) -> Stats:
+    """with_stale=False skips the stale scan (it hashes every embedded row's text in Python)."""
     user_id = user_id_for(conn, user_email) if user_email else None
-    return Stats(user_email, [table_stats(conn, spec, user_id) for spec in SPECS.values()])
+    return Stats(user_email, [table_stats(conn, spec, user_id, with_stale) for spec in SPECS.values()])

@@ -125,7 +125,8 @@ def recipe_text(spec: Spec, row: Mapping[str, Any], recipe: str = DEFAULT_RECIPE
 
 
 def content_hash(text: str) -> str:
-    """Hash of the exact text sent; the one place that defines it (stale detection compares it)."""
+    """Hash of a row's full recipe text (before truncation by tokens, which the recorded model fixes);
+    the one place that defines it (stale detection and dedupe compare it)."""
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 

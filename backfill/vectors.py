@@ -1,0 +1,147 @@
+"""Native libSQL vectors: an `F32_BLOB(dims)` column beside the JSON `embedding`, and its ANN index.
+
+`--vector-column NAME` (run/up) adds the column when it is missing (a tool-run DDL step:
+`ALTER TABLE t ADD COLUMN NAME F32_BLOB(dims)`; the name is the user's, so no migration can know it)
+and writes `vector32(embedding)` for every row of a page, in the page's transaction.
+`backfill index` fills the cells still NULL (vectors embedded before the column existed), then
+builds `libsql_vector_idx` — after the backfill, because writes into an indexed column are tens of
+times slower (scripts/vector-index-cost) — and checks that `vector_top_k` finds each probe row's own vector.
+
+Only libSQL has these functions: on SQLite or PostgreSQL the options are refused (exit 2).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from backfill import targets
+from backfill.errors import ConfigError, SchemaDrift
+
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+_DECL = re.compile(r"^\s*F32_BLOB\s*\(\s*(\d+)\s*\)\s*$", re.I)
+PAGE = 2000
+PROBES = 20
+
+
+def index_name(spec: targets.Spec, column: str) -> str:
+    return f"{spec.name}_{column}_vidx"
+
+
+def check_backend(kind: str, column: str) -> None:
+    """Refuse before any work: a bad name, or a database that is not libSQL."""
+    if not _NAME.match(column):
+        raise ConfigError(f"--vector-column {column!r} is not a plain SQL name: use letters, digits and _")
+    if kind not in ("libsql", "libsql-remote"):
+        raise ConfigError(f"--vector-column needs libSQL (F32_BLOB, vector32, libsql_vector_idx); this database is "
+                          f"{kind}: use a sqlite+libsql:///FILE or libsql://HOST URL, or drop --vector-column")
+
+
+def _declared(conn: Connection, spec: targets.Spec, column: str) -> str | None:
+    for row in conn.exec_driver_sql(f"PRAGMA table_info({spec.name})"):
+        if row[1] == column:
+            return str(row[2] or "")
+    return None
+
+
+def dimensions_of(conn: Connection, spec: targets.Spec, column: str) -> int | None:
+    """N of the column's F32_BLOB(N) declaration; None when the column does not exist."""
+    decl = _declared(conn, spec, column)
+    if decl is None:
+        return None
+    found = _DECL.match(decl)
+    if not found:
+        raise ConfigError(f"{spec.name}.{column} is declared {decl or 'without a type'}, not F32_BLOB(N): "
+                          "pick another --vector-column name")
+    return int(found.group(1))
+
+
+def prepare(conn: Connection, kind: str, specs: list[targets.Spec], column: str, dimensions: int) -> list[str]:
+    """Check support and every table first, then add the column where it is missing (call it after every other
+    check: libSQL commits DDL at once); returns the tables it was added to."""
+    check_backend(kind, column)
+    added = []
+    try:
+        conn.exec_driver_sql("SELECT vector32('[1]')").scalar()
+    except Exception:  # noqa: BLE001 - the driver's own error type varies
+        raise ConfigError("this libSQL build has no vector functions (vector32): upgrade libSQL/sqld, "
+                          "or drop --vector-column") from None
+    for spec in specs:
+        dims = dimensions_of(conn, spec, column)
+        if dims is None:
+            added.append(spec.name)
+        elif dims != dimensions:
+            raise ConfigError(f"{spec.name}.{column} is F32_BLOB({dims}); this job writes {dimensions} "
+                              "dimensions: use a matching --dimensions or another --vector-column")
+    for name in added:
+        conn.exec_driver_sql(f"ALTER TABLE {name} ADD COLUMN {column} F32_BLOB({int(dimensions)})")
+    return added
+
+
+def write(conn: Connection, spec: targets.Spec, column: str, row_ids: list[int]) -> None:
+    """In the page's transaction: the native column mirrors the JSON just written."""
+    if row_ids:
+        conn.exec_driver_sql(f"UPDATE {spec.name} SET {column} = vector32(embedding) WHERE id = ?",
+                             [(int(r),) for r in row_ids])
+
+
+def fill(engine: Engine, spec: targets.Spec, column: str, dimensions: int) -> int:
+    """Write the column for rows whose JSON vector has the right size and whose cell is NULL (keyset pages)."""
+    length = targets.vector_length(spec.embedding, "sqlite")
+    done, after = 0, 0
+    while True:
+        with engine.begin() as conn:
+            ids = [int(r[0]) for r in conn.execute(
+                sa.select(spec.key).where(spec.key > after, sa.literal_column(column).is_(None),
+                                          sa.not_(targets.missing(spec.embedding)),
+                                          targets.valid_vector(spec.embedding, "sqlite"), length == dimensions)
+                .order_by(spec.key).limit(PAGE))]
+            if not ids:
+                return done
+            write(conn, spec, column, ids)
+        done += len(ids)
+        after = ids[-1]
+
+
+@dataclass
+class IndexResult:
+    table: str
+    index: str
+    filled: int
+    rows: int
+    probes: int
+    found: int
+
+
+def build_and_check(engine: Engine, kind: str, spec: targets.Spec, column: str, probes: int = PROBES) -> IndexResult:
+    """Fill, build the index, and query `vector_top_k` with `probes` rows' own vectors."""
+    check_backend(kind, column)
+    with engine.connect() as conn:
+        dims = dimensions_of(conn, spec, column)
+    if dims is None:
+        raise ConfigError(f"{spec.name} has no column {column}: run `backfill run --vector-column {column}` first")
+    filled = fill(engine, spec, column, dims)
+    name = index_name(spec, column)
+    with engine.begin() as conn:
+        conn.exec_driver_sql(f"CREATE INDEX IF NOT EXISTS {name} ON {spec.name} (libsql_vector_idx({column}))")
+    with engine.connect() as conn:
+        rows = int(conn.exec_driver_sql(f"SELECT count(*) FROM {spec.name} WHERE {column} IS NOT NULL").scalar())
+        step = max(1, rows // probes) if rows else 1
+        sample = conn.exec_driver_sql(
+            f"SELECT id, vector_extract({column}) FROM (SELECT id, {column}, row_number() OVER (ORDER BY id) AS n "
+            f"FROM {spec.name} WHERE {column} IS NOT NULL) WHERE (n - 1) % {step} = 0 LIMIT {probes}").all()
+        found = 0
+        for row_id, vec in sample:
+            # the nearest row is the probe itself, or a row holding the very same vector (same text)
+            hit = conn.exec_driver_sql(
+                f"SELECT t.id, vector_distance_cos(t.{column}, vector32(?)) FROM vector_top_k('{name}', vector32(?), 1)"
+                f" AS k JOIN {spec.name} AS t ON t.rowid = k.id", (vec, vec)).first()
+            if hit is not None and (hit[0] == row_id or abs(hit[1]) < 1e-6):
+                found += 1
+    result = IndexResult(spec.name, name, filled, rows, len(sample), found)
+    if found != len(sample):
+        raise SchemaDrift(f"{name}: vector_top_k found the probe's own vector for {found} of {len(sample)} probes")
+    return result
