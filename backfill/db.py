@@ -162,6 +162,7 @@ def engine_for(target: Target, *, must_exist: bool = True) -> Engine:
         kwargs["connect_args"] = dict(target.connect_args)
         if target.kind == "libsql-remote":  # the dialect's default SingletonThreadPool shares one stream per thread
             kwargs["poolclass"] = QueuePool
+            kwargs["pool_recycle"] = 8  # servers expire idle streams (sqld after ~10 s): never reuse an old one
     elif target.kind == "postgresql":
         kwargs["connect_args"] = {"connect_timeout": 10}
         kwargs["pool_pre_ping"] = True
@@ -258,20 +259,25 @@ def _discard_broken_connections(engine: Engine) -> None:
 
 T = TypeVar("T")
 
-RETRY_ATTEMPTS = 8
+RETRY_BUDGET_S = 45.0  # longer than a server takes to expire a stream left holding the write lock (sqld: ~10 s)
 RETRY_BASE_S = 0.1
-RETRY_CAP_S = 5.0
+RETRY_CAP_S = 2.0
 
 
 def retrying(engine: Engine, fn: Callable[[Connection], T], *, landed: Callable[[Connection], bool] | None = None,
-             attempts: int = RETRY_ATTEMPTS, write: bool = True) -> T:
+             budget_s: float = RETRY_BUDGET_S, write: bool = True) -> T:
     """Run `fn(conn)` in one transaction (`write`) or on one connection, retrying busy/locked
-    databases and dropped connections with jittered exponential backoff. All or nothing: a failed
+    databases and dropped connections with jittered exponential backoff for up to `budget_s`
+    seconds (a stream orphaned by a lost answer may hold the write lock until the server expires
+    it). All or nothing: a failed
     attempt's transaction is rolled back (or never committed) before the next one starts.
 
     A commit whose answer was lost may still have landed; `landed(conn)` is asked before each
     retry and, when it says so, the work is not done twice (the batch's counters stay exact)."""
-    for attempt in range(1, attempts + 1):
+    give_up = time.monotonic() + budget_s
+    attempt = 0
+    while True:
+        attempt += 1
         try:
             if attempt > 1 and landed is not None:
                 with engine.connect() as conn:
@@ -283,8 +289,7 @@ def retrying(engine: Engine, fn: Callable[[Connection], T], *, landed: Callable[
             with engine.connect() as conn:
                 return fn(conn)
         except Exception as exc:
-            if attempt == attempts or not is_transient(exc):
+            if not is_transient(exc) or time.monotonic() >= give_up:
                 raise
-            delay = min(RETRY_CAP_S, RETRY_BASE_S * 2 ** (attempt - 1))
+            delay = min(RETRY_CAP_S, RETRY_BASE_S * 2 ** min(attempt - 1, 10))
             time.sleep(delay * (0.5 + random.random() / 2))
-    raise AssertionError("unreachable")  # pragma: no cover

@@ -65,7 +65,7 @@ def make_backend(name: str, tmp_path: Path) -> Backend:
         from backfill.testing.libsql_server import LibsqlServer
 
         path = tmp_path / "memory-remote.db"
-        server = LibsqlServer(str(path)).start()
+        server = LibsqlServer(str(path), idle_timeout=10.0).start()  # sqld expires idle streams after ~10 s
         _SERVERS.append(server)
         return Backend(name, server.url, path, server)
     base = _pg_url()

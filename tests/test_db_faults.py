@@ -24,7 +24,7 @@ def _start(env: dict) -> subprocess.Popen:
     import os
 
     full = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "OPENAI_API_KEY", "OPENAI_BASE_URL")}
-    return subprocess.Popen([sys.executable, "-m", "backfill", "run", *ARGS, "--log-format", "json"],
+    return subprocess.Popen([sys.executable, "-m", "backfill", "--traceback", "run", *ARGS, "--log-format", "json"],
                             env={**full, **env}, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -79,7 +79,7 @@ def test_dropped_remote_connections_are_retried_and_no_batch_is_lost_or_counted_
             while _batches(be.path) < mark + 2 and proc.poll() is None and time.monotonic() < deadline:
                 time.sleep(0.05)
         out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, (err + out)[-3000:]
+    assert proc.returncode == 0, err[-4000:]
     assert dropped >= 6, f"only {dropped} drops hit the run"
     events = [json.loads(x) for x in (lines + out.splitlines()) if x.strip().startswith("{")]
     assert events[-1]["event"] == "job_finished"
