@@ -132,7 +132,11 @@ def _holder_is_dead(worker: str | None) -> bool:
         return True
     except PermissionError:
         return False
-    return False
+    try:  # killed but not yet reaped (a zombie) is dead too
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            return f.read().rsplit(")", 1)[-1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def claim(conn: Connection, job: Job, worker: str, lease_s: float = LEASE_SECONDS) -> Job:

@@ -65,7 +65,7 @@ def test_four_ups_at_once_one_embeds_the_others_wait_or_exit_4(name, tmp_path):
 def test_a_frozen_workers_lease_expires_and_the_next_worker_resumes_from_the_checkpoint(tmp_path, cli):
     be = make_backend("sqlite", tmp_path)
     engine = be.engine()
-    build(engine, memories=300, entities=0, seed=17)
+    build(engine, memories=600, entities=0, seed=17)
     todo = needing(engine)
     args = [*RUN_ARGS, "--target", "memories", "-b", "5", "--concurrency", "1"]
     with FakeOpenAI(latency_ms=300) as server:
@@ -73,7 +73,7 @@ def test_a_frozen_workers_lease_expires_and_the_next_worker_resumes_from_the_che
         assert cli("migrate", env=env).code == 0
         first = _popen(env, "run", *args)
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not (_jobs(engine) and _jobs(engine)[0]["batches"] >= 3):
+        while time.monotonic() < deadline and not (_jobs(engine) and _jobs(engine)[0]["batches"] >= 1):
             time.sleep(0.1)
         first.send_signal(signal.SIGSTOP)  # alive but silent: its heartbeat stops
         try:
