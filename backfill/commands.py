@@ -6,7 +6,7 @@ import json
 
 from sqlalchemy.engine import Engine
 
-from backfill import db, migrate as migrations, report, stats as coverage
+from backfill import db, locks, migrate as migrations, report, stats as coverage
 from backfill.config import Settings
 from backfill.errors import SchemaDrift
 
@@ -21,7 +21,8 @@ def open_database(settings: Settings, *, must_exist: bool = True) -> tuple[db.Ta
 
 def migrate(settings: Settings) -> int:
     target, engine = open_database(settings, must_exist=False)
-    result = migrations.migrate(engine)
+    with locks.schema_lock(target, engine):  # concurrent `up`s migrate one after the other
+        result = migrations.migrate(engine)
     messages = {
         "at-head": f"schema already at head ({result.to_revision}); nothing to do",
         "created": f"created the schema at {result.to_revision} in {target.display}",
@@ -133,12 +134,12 @@ def _claim(engine: Engine, job: _jobs.Job, worker: str, req: RunRequest) -> _job
     deadline = _time.monotonic() + req.wait_timeout_s
     while True:
         try:
-            with engine.begin() as conn:
-                return _jobs.claim(conn, _jobs.get(conn, job.id), worker)
+            return db.retrying(engine, lambda conn: _jobs.claim(conn, _jobs.get(conn, job.id), worker))
         except LeaseHeld:
             if not req.wait or _time.monotonic() >= deadline:
                 raise
             report.say(f"job {job.id} is busy; waiting for its worker to finish")
+            report.event("job_busy", job=job.id, waiting=True)
             _time.sleep(2.0)
 
 
@@ -168,8 +169,7 @@ def _drive(settings: Settings, engine: Engine, job: _jobs.Job, provider, req: Ru
         reason = f"{type(exc).__name__}"
         raise
     finally:
-        with engine.begin() as conn:
-            _jobs.finish(conn, job.id, worker, status, reason)
+        db.retrying(engine, lambda conn: _jobs.finish(conn, job.id, worker, status, reason))
     with engine.connect() as conn:
         final = _jobs.get(conn, job.id)
         cov = coverage.collect(conn, job.user_email, with_stale=False)
@@ -179,12 +179,13 @@ def _drive(settings: Settings, engine: Engine, job: _jobs.Job, provider, req: Ru
         with engine.connect() as conn:
             outcome.failed_ids = [(r["target"], r["row_id"]) for r in _jobs.open_failures(conn, job.id)]
     tables = [t for t in cov.tables if job.target in ("all", t.table)]
+    outcome.unaddressable = sum(t.unaddressable for t in tables)
     total_rows = sum(t.total for t in tables)
     pct = 100.0 * sum(t.with_embedding for t in tables) / total_rows if total_rows else 100.0
     report.event("job_finished", job=job.id, status=status, stop_reason=reason, selected=final.selected,
                  embedded=final.embedded, failed=final.failed, skipped=final.skipped, batches=final.batches,
                  requests=final.requests, tokens=final.tokens, cost_usd=round(final.cost_usd, 6),
-                 tokens_saved=final.tokens_saved,
+                 tokens_saved=final.tokens_saved, unaddressable=outcome.unaddressable,
                  coverage=round(pct, 2), failed_ids=[f"{t}:{i}" for t, i in outcome.failed_ids[:100]])
     report.say(report.final_block(outcome, pct, total_rows))
     if status == "interrupted" and stop.signalled:
@@ -240,6 +241,7 @@ def run(settings: Settings, req: RunRequest) -> int:
     if req.max_cost is not None:
         _refuse_over_budget(engine, req, provider, options, key)
     with engine.begin() as conn:
+        locks.jobs_lock(conn)  # find-or-create is atomic: workers started at once share one job
         job = _jobs.find_open(conn, key)
         if job is None:
             if not (req.reembed_all or req.reembed_stale):

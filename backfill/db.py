@@ -12,14 +12,17 @@ Accepted forms (`--database-url`, `DATABASE_URL`, or `TURSO_URL` + `TURSO_AUTH_T
 
 from __future__ import annotations
 
+import random
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy.pool import QueuePool
 
 from backfill.config import Secret, Settings
 from backfill.errors import ConfigError
@@ -157,12 +160,16 @@ def engine_for(target: Target, *, must_exist: bool = True) -> Engine:
         kwargs["connect_args"] = {"timeout": 30}
     elif target.kind in ("libsql", "libsql-remote"):
         kwargs["connect_args"] = dict(target.connect_args)
+        if target.kind == "libsql-remote":  # the dialect's default SingletonThreadPool shares one stream per thread
+            kwargs["poolclass"] = QueuePool
+            kwargs["pool_recycle"] = 8  # servers expire idle streams (sqld after ~10 s): never reuse an old one
     elif target.kind == "postgresql":
         kwargs["connect_args"] = {"connect_timeout": 10}
         kwargs["pool_pre_ping"] = True
     engine = sa.create_engine(target.url, **kwargs)
     if target.kind == "sqlite":
         _sqlite_pragmas(engine)
+    _discard_broken_connections(engine)
     return engine
 
 
@@ -172,6 +179,13 @@ def _sqlite_pragmas(engine: Engine) -> None:
         cur = dbapi_conn.cursor()
         cur.execute("PRAGMA busy_timeout = 30000")
         cur.close()
+        # a TEXT value that is not valid UTF-8 (SQLite stores whatever it is given) must not stop a
+        # job: undecodable bytes become lone surrogates, which every text recipe removes
+        dbapi_conn.text_factory = _lenient_text
+
+
+def _lenient_text(raw: bytes) -> str:
+    return raw.decode("utf-8", "surrogateescape")
 
 
 def probe(engine: Engine, target: Target, settings: Settings | None = None) -> None:
@@ -201,3 +215,81 @@ def describe_error(exc: BaseException, settings: Settings | None = None, target:
     if "not a database" in lowered:
         return f"{text} (the file is not a SQLite database)"
     return text
+
+
+# --- database faults: discard broken connections, retry transient errors ------------------------
+
+_TRANSIENT = re.compile(
+    r"(?i)database is locked|database table is locked|database is busy|sqlite_busy|"
+    r"connection closed before message completed|stream not found|baton is invalid|stream expired|"
+    r"http error|connection (?:refused|reset|closed|aborted)|broken pipe|server closed the connection|"
+    r"terminating connection|could not receive data|ssl syscall error|deadlock detected|"
+    r"could not serialize access|timed out|timeout expired"
+)
+_BROKEN = re.compile(
+    r"(?i)connection closed before message completed|stream not found|baton is invalid|stream expired|"
+    r"http error|connection (?:refused|reset|closed|aborted)|broken pipe"
+)
+
+
+def _text(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {getattr(exc, 'orig', None) or exc}"
+
+
+def is_transient(exc: BaseException) -> bool:
+    """A database error worth retrying: busy/locked, a dropped connection or stream, a PG disconnect."""
+    if isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated:
+        return True
+    if not isinstance(exc, (sa.exc.DBAPIError, ValueError, OSError)):  # libSQL raises plain ValueError
+        return False
+    return bool(_TRANSIENT.search(_text(exc)))
+
+
+def _discard_broken_connections(engine: Engine) -> None:
+    """libSQL errors are plain ValueErrors that SQLAlchemy does not recognise as disconnects; after a
+    dropped response the connection's stream is gone for good. Mark it a disconnect so the pool
+    throws that one connection away (and keeps the others)."""
+
+    @sa.event.listens_for(engine, "handle_error")
+    def _on_error(ctx):  # noqa: ANN001, ANN202
+        if not ctx.is_disconnect and _BROKEN.search(_text(ctx.original_exception)):
+            ctx.is_disconnect = True
+            ctx.invalidate_pool_on_disconnect = False
+
+
+T = TypeVar("T")
+
+RETRY_BUDGET_S = 45.0  # longer than a server takes to expire a stream left holding the write lock (sqld: ~10 s)
+RETRY_BASE_S = 0.1
+RETRY_CAP_S = 2.0
+
+
+def retrying(engine: Engine, fn: Callable[[Connection], T], *, landed: Callable[[Connection], bool] | None = None,
+             budget_s: float = RETRY_BUDGET_S, write: bool = True) -> T:
+    """Run `fn(conn)` in one transaction (`write`) or on one connection, retrying busy/locked
+    databases and dropped connections with jittered exponential backoff for up to `budget_s`
+    seconds (a stream orphaned by a lost answer may hold the write lock until the server expires
+    it). All or nothing: a failed
+    attempt's transaction is rolled back (or never committed) before the next one starts.
+
+    A commit whose answer was lost may still have landed; `landed(conn)` is asked before each
+    retry and, when it says so, the work is not done twice (the batch's counters stay exact)."""
+    give_up = time.monotonic() + budget_s
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            if attempt > 1 and landed is not None:
+                with engine.connect() as conn:
+                    if landed(conn):
+                        return None  # type: ignore[return-value]
+            if write:
+                with engine.begin() as conn:
+                    return fn(conn)
+            with engine.connect() as conn:
+                return fn(conn)
+        except Exception as exc:
+            if not is_transient(exc) or time.monotonic() >= give_up:
+                raise
+            delay = min(RETRY_CAP_S, RETRY_BASE_S * 2 ** min(attempt - 1, 10))
+            time.sleep(delay * (0.5 + random.random() / 2))

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from backfill import targets
+from backfill import db, targets
 from backfill.schema import backfill_embeddings as prov
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -56,16 +56,15 @@ def known_vectors(engine: Engine, spec: targets.Spec, hashes: Sequence[str], *, 
     if user_id is not None:  # a scoped job reads only its user's rows
         q = q.where(spec.user_id == user_id)
     found: dict[str, list[float]] = {}
-    with engine.connect() as conn:
-        for row in conn.execute(q):
-            digest = row[0]
-            if digest in found or (row[1], row[2], row[3]) != (model, dimensions, recipe):
-                continue
-            if targets.content_hash(targets.recipe_text(spec, row._mapping, recipe)) != digest:
-                continue  # edited since: its vector is of another text
-            vec = _vector(row[4], dimensions)
-            if vec is not None:
-                found[digest] = vec
+    for row in db.retrying(engine, lambda conn: conn.execute(q).all(), write=False):  # a dropped link is retried
+        digest = row[0]
+        if digest in found or (row[1], row[2], row[3]) != (model, dimensions, recipe):
+            continue
+        if targets.content_hash(targets.recipe_text(spec, row._mapping, recipe)) != digest:
+            continue  # edited since: its vector is of another text
+        vec = _vector(row[4], dimensions)
+        if vec is not None:
+            found[digest] = vec
     return found
 
 

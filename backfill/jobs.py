@@ -12,7 +12,7 @@ import socket
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from typing import Any, Callable
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
@@ -132,7 +132,11 @@ def _holder_is_dead(worker: str | None) -> bool:
         return True
     except PermissionError:
         return False
-    return False
+    try:  # killed but not yet reaped (a zombie) is dead too
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            return f.read().rsplit(")", 1)[-1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def claim(conn: Connection, job: Job, worker: str, lease_s: float = LEASE_SECONDS) -> Job:
@@ -167,7 +171,20 @@ def advance(conn: Connection, job_id: int, worker: str, *, cursors: dict[str, in
         jobs_t.update().where(jobs_t.c.id == job_id, jobs_t.c.worker_id == worker).values(**values)
     ).rowcount
     if changed != 1:
-        raise BackfillError(f"lost the lease on job {job_id}: another worker took it over; stopping")
+        raise LeaseHeld(f"lost the lease on job {job_id}: another worker took it over; stopping")
+
+
+def batch_landed(engine: sa.Engine, job_id: int) -> Callable[[Connection], bool]:
+    """Before a batch's commit: a check that tells, after a lost answer, whether the commit landed.
+
+    Only the lease holder commits batches and each commit adds exactly one to `batches`."""
+    from backfill.db import retrying
+
+    def count(conn: Connection) -> int:
+        return int(conn.execute(sa.select(jobs_t.c.batches).where(jobs_t.c.id == job_id)).scalar() or 0)
+
+    before = retrying(engine, count, write=False)
+    return lambda conn: count(conn) > before
 
 
 def finish(conn: Connection, job_id: int, worker: str, status: str, reason: str | None = None) -> None:

@@ -85,6 +85,7 @@ def stats_block(stats_dict: dict) -> str:
         lines.append(
             f"  {name:<9} total {t['total']:>8}  with embedding {t['with_embedding']:>8}  "
             f"missing {t['missing']:>7}  malformed {t['malformed']:>5}  coverage {t['coverage']:6.2f}%  {t['verdict']}"
+            + (f"  unaddressable {t['unaddressable']} (NULL key)" if t.get("unaddressable") else "")
         )
         if t.get("stale") or t.get("unknown"):
             why = ", ".join(f"{k} {v}" for k, v in t.get("stale_reasons", {}).items() if v)
@@ -169,6 +170,8 @@ def final_block(outcome: Any, coverage: float | None, total_rows: int | None) ->
             f"   Successfully generated: {outcome.embedded}",
             f"   Failed: {outcome.failed}",
             f"   Skipped (nothing to embed): {outcome.skipped}"]
+    if getattr(outcome, "unaddressable", 0):
+        rows.append(f"   Unaddressable (NULL key, cannot be written): {outcome.unaddressable}")
     if coverage is not None:
         rows.append(f"   Coverage: {coverage:.0f}% of {total_rows} rows")
     rows += [f"   Batches processed: {outcome.batches}", f"   Tokens: {outcome.tokens:,}  Cost: ${outcome.cost_usd:.4f}"]

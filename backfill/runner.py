@@ -25,7 +25,7 @@ from typing import Any, Iterator, Sequence
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from backfill import dedupe, jobs, stale, targets, vectors
+from backfill import db, dedupe, jobs, stale, targets, vectors
 from backfill.errors import ConfigError
 from backfill.providers.base import BadInput, FatalProviderError, Provider, ProviderError
 from backfill.schema import backfill_embeddings
@@ -201,14 +201,12 @@ class Runner:
                 if size <= 0:
                     self.stop.set("limit reached")
                     return
-            with self.engine.connect() as conn:
-                rows = conn.execute(
-                    sa.select(*select_columns(spec))
-                    .where(spec.key > cursor, needing(spec, self.dialect, self.job.dimensions, self.options),
-                           *scope(spec, self.options.user_id))
-                    .order_by(spec.key)
-                    .limit(size)
-                ).all()
+            query = (sa.select(*select_columns(spec))
+                     .where(spec.key > cursor, needing(spec, self.dialect, self.job.dimensions, self.options),
+                            *scope(spec, self.options.user_id))
+                     .order_by(spec.key)
+                     .limit(size))
+            rows = db.retrying(self.engine, lambda conn: conn.execute(query).all(), write=False)
             if not rows:
                 return
             self._queued += len(rows)
@@ -359,15 +357,16 @@ class Runner:
 
     # --- record progress ------------------------------------------------------------------
     def _heartbeat(self) -> None:
-        with self.engine.begin() as conn:
-            jobs.advance(conn, self.job.id, self.worker)
+        db.retrying(self.engine, lambda conn: jobs.advance(conn, self.job.id, self.worker))
 
     def _commit(self, spec: targets.Spec, rows: list[sa.Row], result: PageResult, cursors: dict[str, int] | None,
                 retry: bool) -> None:
         elapsed = time.monotonic() - self.started
         cost = result.tokens * self.provider.price_per_mtok / 1_000_000
         stamp = jobs.now_iso()
-        with self.engine.begin() as conn:
+        landed = jobs.batch_landed(self.engine, self.job.id)
+
+        def _write(conn: Connection) -> None:  # one transaction; retried whole on a locked/dropped database
             deltas: dict[str, float] = dict(
                 embedded=len(result.vectors), batches=1, requests=result.requests, tokens=result.tokens,
                 cost_usd=cost, elapsed_s=elapsed - self.job_elapsed_committed, tokens_saved=result.tokens_saved)
@@ -395,6 +394,7 @@ class Runner:
             ])
             if retry:
                 jobs.resolve_failures(conn, self.job.id, spec.name, list(result.vectors))
+        db.retrying(self.engine, _write, landed=landed)
         self.job_elapsed_committed = elapsed
 
     def _provenance(self, conn: Connection, spec: targets.Spec, result: PageResult, stamp: str) -> None:
@@ -434,9 +434,8 @@ class Runner:
     def _check_stop(self) -> None:
         if self.options.max_runtime_s is not None and time.monotonic() - self.started >= self.options.max_runtime_s:
             self.stop.set("max runtime reached")
-        with self.engine.connect() as conn:
-            if jobs.is_cancelled(conn, self.job.id):
-                self.stop.set("cancelled")
+        if db.retrying(self.engine, lambda conn: jobs.is_cancelled(conn, self.job.id), write=False):
+            self.stop.set("cancelled")
 
     # --- entry points ---------------------------------------------------------------------
     def run(self) -> Outcome:

@@ -32,6 +32,7 @@ class TableStats:
     stale: int = 0  # valid vectors that no longer match (see stale.py), by reason in stale_reasons
     unknown: int = 0  # valid vectors without provenance (embedded before this tool)
     stale_reasons: dict = field(default_factory=dict)
+    unaddressable: int = 0  # rows whose key is NULL: nothing can be written back to them
 
     @property
     def verdict(self) -> str:
@@ -88,15 +89,16 @@ def table_stats(conn: Connection, spec: Spec, user_id: str | None = None, with_s
         sa.func.count(),
         sa.func.coalesce(sa.func.sum(sa.case((is_valid, 1), else_=0)), 0),
         sa.func.coalesce(sa.func.sum(sa.case((is_missing, 1), else_=0)), 0),
+        sa.func.coalesce(sa.func.sum(sa.case((spec.key.is_(None), 1), else_=0)), 0),
     ).select_from(spec.table)
     if user_id is not None:
         q = q.where(spec.user_id == user_id)
-    total, good, miss = conn.execute(q).one()
+    total, good, miss, keyless = conn.execute(q).one()
     total, good, miss = int(total), int(good), int(miss)
     coverage = round(100.0 * good / total, 2) if total else 100.0
     found = stale.count(conn, spec, stale.reference_for(conn, spec.name), user_id) if with_stale else stale.StaleCounts()
     return TableStats(spec.name, total, good, miss, total - good - miss, coverage, found.total, found.unknown,
-                      found.stale)
+                      found.stale, unaddressable=int(keyless))
 
 
 def collect(conn: Connection, user_email: str | None = None, *, with_stale: bool = True) -> Stats:

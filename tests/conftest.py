@@ -1,5 +1,6 @@
-"""Real backends for every test: a stdlib SQLite file, an embedded libSQL file and a real
-PostgreSQL (started by `.ci/run` via scripts/pg-start, URL in BACKFILL_TEST_PG)."""
+"""Real backends for every test: a stdlib SQLite file, an embedded libSQL file, a real
+PostgreSQL (started by `.ci/run` via scripts/pg-start, URL in BACKFILL_TEST_PG) and a remote libSQL
+URL served on loopback by the project's Hrana server (`backfill.testing.libsql_server`)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import sys
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -18,6 +20,8 @@ from backfill.db import engine_for, resolve
 
 ROOT = Path(__file__).resolve().parent.parent
 BACKENDS = ["sqlite", "libsql", "postgresql"]
+ENGINE_BACKENDS = ["sqlite", "libsql", "postgresql", "remote-libsql"]
+_SERVERS: list = []  # remote-libsql servers started by the current test, stopped after it
 
 
 @dataclass
@@ -25,6 +29,7 @@ class Backend:
     name: str
     url: str
     path: Path | None
+    server: Any = None  # the LibsqlServer of a remote-libsql backend (drop_next, stats)
 
     def engine(self) -> sa.Engine:
         return engine_for(resolve(self.url), must_exist=False)
@@ -56,6 +61,13 @@ def make_backend(name: str, tmp_path: Path) -> Backend:
     if name == "libsql":
         path = tmp_path / "memory-libsql.db"
         return Backend(name, f"sqlite+libsql:///{path}", path)
+    if name == "remote-libsql":
+        from backfill.testing.libsql_server import LibsqlServer
+
+        path = tmp_path / "memory-remote.db"
+        server = LibsqlServer(str(path), idle_timeout=10.0).start()  # sqld expires idle streams after ~10 s
+        _SERVERS.append(server)
+        return Backend(name, server.url, path, server)
     base = _pg_url()
     if not base:
         if os.environ.get("CI"):
@@ -69,8 +81,21 @@ def make_backend(name: str, tmp_path: Path) -> Backend:
     return Backend(name, base.rsplit("/", 1)[0] + f"/{dbname}", None)
 
 
+@pytest.fixture(autouse=True)
+def _stop_libsql_servers():
+    yield
+    while _SERVERS:
+        _SERVERS.pop().stop()
+
+
 @pytest.fixture(params=BACKENDS)
 def backend(request, tmp_path) -> Backend:
+    return make_backend(request.param, tmp_path)
+
+
+@pytest.fixture(params=ENGINE_BACKENDS)
+def engine_backend(request, tmp_path) -> Backend:
+    """The engine suite's four backends; test ids show each (test_x[remote-libsql])."""
     return make_backend(request.param, tmp_path)
 
 

@@ -28,14 +28,15 @@ def _jobs(engine):
         return [dict(r) for r in conn.exec_driver_sql("SELECT * FROM backfill_jobs ORDER BY id").mappings()]
 
 
-def test_up_embeds_every_row_with_the_recipe_vector_and_touches_nothing_else(tmp_path, cli):
-    be = make_backend("sqlite", tmp_path)
+def test_up_embeds_every_row_with_the_recipe_vector_and_touches_nothing_else(engine_backend, cli):
+    be = engine_backend
     engine = be.engine()
-    build(engine, memories=4000, entities=1200)
+    big = be.name in ("sqlite", "libsql")  # the slower backends get fewer rows; the point survives
+    build(engine, memories=4000 if big else 800, entities=1200 if big else 240)
     before = {t: checksum_other_columns(engine, t) for t in ("memories", "entities")}
     todo = needing(engine)
     kept = {t: {i: e for i, e in embeddings(engine, t).items() if (t, i) not in todo} for t in ("memories", "entities")}
-    assert 1000 < len(todo) < 5200
+    assert (1000 if big else 200) < len(todo) < 5200
     with FakeOpenAI() as server:
         result = cli("up", *RUN_ARGS, "-b", "200", env=env_for(server, be.url))
         assert result.code == 0, result.output[-2000:]
@@ -47,19 +48,20 @@ def test_up_embeds_every_row_with_the_recipe_vector_and_touches_nothing_else(tmp
         current = embeddings(engine, t)
         assert {i: current[i] for i in rows} == rows
     assert {t: checksum_other_columns(engine, t) for t in ("memories", "entities")} == before
-    with sqlite3.connect(be.path) as raw:
-        raw.execute("INSERT INTO memories_fts(memories_fts) VALUES ('integrity-check')")
-        raw.execute("INSERT INTO entities_fts(entities_fts) VALUES ('integrity-check')")
+    if be.path is not None:  # SQLite family: the FTS indexes are still consistent
+        with sqlite3.connect(be.path) as raw:
+            raw.execute("INSERT INTO memories_fts(memories_fts) VALUES ('integrity-check')")
+            raw.execute("INSERT INTO entities_fts(entities_fts) VALUES ('integrity-check')")
     job = _jobs(engine)[-1]
     with engine.connect() as conn:
-        written = conn.exec_driver_sql("SELECT count(*) FROM backfill_embeddings WHERE job_id = ?", (job["id"],)).scalar()
+        written = conn.execute(sa.text("SELECT count(*) FROM backfill_embeddings WHERE job_id = :j"), {"j": job["id"]}).scalar()
     assert job["status"] == "done" and job["embedded"] == written and job["failed"] == 0
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     assert lines[-1]["tables"]["memories"]["coverage"] == 100.0
 
 
-def test_second_up_sends_nothing_and_exits_0(tmp_path, cli):
-    be = make_backend("libsql", tmp_path)
+def test_second_up_sends_nothing_and_exits_0(engine_backend, cli):
+    be = engine_backend
     build(be.engine(), memories=150, entities=40)
     with FakeOpenAI() as server:
         assert cli("up", *RUN_ARGS, env=env_for(server, be.url)).code == 0
@@ -69,8 +71,8 @@ def test_second_up_sends_nothing_and_exits_0(tmp_path, cli):
         assert server.stats()["requests"] == 0
 
 
-def test_user_scope_changes_only_that_users_rows(tmp_path, cli):
-    be = make_backend("sqlite", tmp_path)
+def test_user_scope_changes_only_that_users_rows(engine_backend, cli):
+    be = engine_backend
     engine = be.engine()
     build(engine, memories=300, entities=100)
     others = "WHERE user_id <> 'u-alice'"
@@ -90,8 +92,8 @@ def test_user_scope_changes_only_that_users_rows(tmp_path, cli):
     assert bad.code == 2 and "nobody@example.com" in bad.stdout
 
 
-def test_rejected_inputs_become_failures_and_retry_failed_sends_only_them(tmp_path, cli):
-    be = make_backend("sqlite", tmp_path)
+def test_rejected_inputs_become_failures_and_retry_failed_sends_only_them(engine_backend, cli):
+    be = engine_backend
     engine = be.engine()
     build(engine, memories=300, entities=0)
     with engine.connect() as conn:
@@ -99,7 +101,7 @@ def test_rejected_inputs_become_failures_and_retry_failed_sends_only_them(tmp_pa
             "SELECT id FROM memories WHERE embedding IS NULL OR embedding IN ('', '[]') ORDER BY id LIMIT 3")]
     with engine.begin() as conn:
         for rid in poisoned:
-            conn.exec_driver_sql("UPDATE memories SET title = 'POISON ' || title WHERE id = ?", (rid,))
+            conn.execute(sa.text("UPDATE memories SET title = 'POISON ' || title WHERE id = :i"), {"i": rid})
     with FakeOpenAI(fail_inputs=["POISON"]) as server:
         env = env_for(server, be.url)
         first = cli("up", *RUN_ARGS, "--target", "memories", "--log-format", "human", "-b", "50", env=env)
@@ -123,8 +125,8 @@ def test_rejected_inputs_become_failures_and_retry_failed_sends_only_them(tmp_pa
     assert job["failed"] == 0
 
 
-def test_missing_key_and_model_change_are_refused(tmp_path, cli):
-    be = make_backend("sqlite", tmp_path)
+def test_missing_key_and_model_change_are_refused(engine_backend, tmp_path, cli):
+    be = engine_backend
     engine = be.engine()
     build(engine, memories=50, entities=10)
     assert cli("migrate", "--database-url", be.url).code == 0
@@ -138,8 +140,8 @@ def test_missing_key_and_model_change_are_refused(tmp_path, cli):
     assert other.code == 2 and "--reembed-all" in other.stderr
 
 
-def test_piped_output_is_json_lines_and_a_terminal_gets_a_bar_and_the_final_block(tmp_path, cli):
-    be = make_backend("sqlite", tmp_path)
+def test_piped_output_is_json_lines_and_a_terminal_gets_a_bar_and_the_final_block(engine_backend, tmp_path, cli):
+    be = engine_backend
     build(be.engine(), memories=200, entities=20)
     assert cli("migrate", "--database-url", be.url).code == 0
     with FakeOpenAI() as server:
@@ -151,7 +153,8 @@ def test_piped_output_is_json_lines_and_a_terminal_gets_a_bar_and_the_final_bloc
         assert all({"job", "target", "rows", "embedded", "failed", "tokens", "rate", "eta_s", "cursor"} <= set(b) for b in batches)
         assert events[-1]["event"] == "job_finished" and events[-1]["embedded"] == sum(b["embedded"] for b in batches)
 
-        be2 = make_backend("libsql", tmp_path)
+        (tmp_path / "tty").mkdir()
+        be2 = make_backend("libsql", tmp_path / "tty")
         build(be2.engine(), memories=200, entities=20)
         import pty
 
@@ -176,13 +179,15 @@ def test_piped_output_is_json_lines_and_a_terminal_gets_a_bar_and_the_final_bloc
     assert "Final Statistics:" in screen and "Successfully generated:" in screen and "Coverage: 100%" in screen
 
 
-def test_sigkill_at_random_points_then_resume_equals_an_uninterrupted_run(tmp_path, cli):
+@pytest.mark.parametrize("name", ["sqlite", "libsql", "postgresql", "remote-libsql"])
+def test_sigkill_at_random_points_then_resume_equals_an_uninterrupted_run(name, tmp_path, cli):
+    # scripts/chaos does this at scale (20,000 rows, 100 kills, injected faults); here a few kills per backend
     (tmp_path / "ref").mkdir()
     (tmp_path / "victim").mkdir()
     reference = make_backend("sqlite", tmp_path / "ref")
-    victim = make_backend("sqlite", tmp_path / "victim")
+    victim = make_backend(name, tmp_path / "victim")
     for be in (reference, victim):
-        build(be.engine(), memories=1500, entities=300, seed=11)
+        build(be.engine(), memories=500, entities=100, seed=11)
     args = [*RUN_ARGS, "-b", "10", "--concurrency", "2"]
     with FakeOpenAI() as server:
         assert cli("up", *args, env=env_for(server, reference.url)).code == 0
@@ -191,7 +196,7 @@ def test_sigkill_at_random_points_then_resume_equals_an_uninterrupted_run(tmp_pa
         env = {**os.environ, **env_for(server, victim.url)}
         assert cli("migrate", env=env_for(server, victim.url)).code == 0
         kills = 0
-        for _ in range(30):
+        for _ in range(5 if name == "sqlite" else 3):  # fewer on the slower backends
             server.reset_log()
             proc = subprocess.Popen([sys.executable, "-m", "backfill", "up", *args], env=env, cwd=ROOT,
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -214,7 +219,7 @@ def test_sigkill_at_random_points_then_resume_equals_an_uninterrupted_run(tmp_pa
             resent = [t for t in set(server.inputs_seen(status=None)) if by_text.get(t) and by_text[t] <= committed]
             assert not resent, f"re-sent texts of committed rows: {[sorted(by_text[t]) for t in resent][:5]}"
             engine.dispose()
-        assert kills >= 10
+        assert kills >= 2
         final = subprocess.run([sys.executable, "-m", "backfill", "up", *args], env=env, cwd=ROOT,
                                capture_output=True, text=True, timeout=300)
         assert final.returncode == 0, final.stdout[-2000:] + final.stderr[-2000:]

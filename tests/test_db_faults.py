@@ -1,0 +1,109 @@
+"""Database faults during a run: a remote libSQL server that drops connections (before or after
+doing the work) and a libSQL file locked by another process. Retried with backoff; each batch is
+committed fully or not at all, and never counted twice."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+import sys
+import time
+
+import sqlalchemy as sa
+
+from backfill.testing.fake_openai import FakeOpenAI
+
+from conftest import ROOT, make_backend
+from engine_helpers import RUN_ARGS, assert_vectors_match_recipe, build, env_for, needing
+
+ARGS = [*RUN_ARGS, "--target", "memories", "-b", "5", "--concurrency", "1"]
+
+
+def _start(env: dict) -> subprocess.Popen:
+    import os
+
+    full = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "OPENAI_API_KEY", "OPENAI_BASE_URL")}
+    return subprocess.Popen([sys.executable, "-m", "backfill", "--traceback", "run", *ARGS, "--log-format", "json"],
+                            env={**full, **env}, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_first_batch(proc: subprocess.Popen) -> list[str]:
+    lines = []
+    for line in proc.stdout:  # bounded: the process ends
+        lines.append(line)
+        if '"batch_committed"' in line:
+            break
+    return lines
+
+
+def _batches(path) -> int:
+    """The job's committed batches, read straight from the served file."""
+    with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10) as raw:
+        return int(raw.execute("SELECT coalesce(max(batches), 0) FROM backfill_jobs").fetchone()[0])
+
+
+def _assert_exact(engine, todo) -> None:
+    assert needing(engine) & {("memories", i) for _, i in todo} == set()
+    assert assert_vectors_match_recipe(engine, todo) == len(todo)
+    with engine.connect() as conn:
+        job = conn.execute(sa.text("SELECT * FROM backfill_jobs")).mappings().one()
+        written = conn.execute(sa.text("SELECT count(*) FROM backfill_embeddings")).scalar()
+        failures = conn.execute(sa.text("SELECT count(*) FROM backfill_failures WHERE kind = 'failed'")).scalar()
+    assert job["status"] == "done" and failures == 0
+    assert job["embedded"] == written == len(todo)  # no batch counted twice, none lost
+    assert job["selected"] == len(todo) + job["skipped"]
+
+
+def test_dropped_remote_connections_are_retried_and_no_batch_is_lost_or_counted_twice(tmp_path, cli):
+    be = make_backend("remote-libsql", tmp_path)
+    engine = be.engine()
+    build(engine, memories=400, entities=0, seed=5)
+    todo = {r for r in needing(engine) if r[0] == "memories"}
+    server = be.server
+    with FakeOpenAI(latency_ms=20) as fake:
+        env = env_for(fake, be.url)
+        assert cli("migrate", env=env).code == 0
+        proc = _start(env)
+        lines = _wait_first_batch(proc)
+        plan = [("batch", True), ("cursor", False), ("describe", False), ("batch", False), ("cursor", True),
+                ("batch", True), ("describe", True), ("batch", False)]
+        dropped = server.stats()["dropped"]
+        for kind, after in plan:  # one drop at a time; the next is armed once two more batches committed
+            server.drop_next(1, kind=kind, after_processing=after)
+            deadline = time.monotonic() + 30
+            while server.stats()["dropped"] == dropped and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            dropped = server.stats()["dropped"]
+            mark = _batches(be.path)
+            while _batches(be.path) < mark + 2 and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+        out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-4000:]
+    assert dropped >= 6, f"only {dropped} drops hit the run"
+    events = [json.loads(x) for x in (lines + out.splitlines()) if x.strip().startswith("{")]
+    assert events[-1]["event"] == "job_finished"
+    _assert_exact(engine, todo)
+
+
+def test_a_libsql_file_locked_by_another_process_is_waited_out(tmp_path, cli):
+    be = make_backend("libsql", tmp_path)
+    engine = be.engine()
+    build(engine, memories=200, entities=0, seed=6)
+    todo = {r for r in needing(engine) if r[0] == "memories"}
+    with FakeOpenAI(latency_ms=150) as fake:
+        env = env_for(fake, be.url)
+        assert cli("migrate", env=env).code == 0
+        proc = _start(env)
+        _wait_first_batch(proc)
+        for _ in range(2):  # another writer holds the file's exclusive lock for 1.5 s, twice
+            subprocess.run([sys.executable, "-c", (
+                "import sqlite3, time, sys\n"
+                "c = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
+                "c.execute('BEGIN EXCLUSIVE'); time.sleep(1.5); c.execute('COMMIT')\n"
+            ), str(be.path)], check=True, timeout=30)
+            assert proc.poll() is None  # the run was going on all along: it waited the lock out
+            time.sleep(0.2)
+        out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, (err + out)[-3000:]
+    _assert_exact(engine, todo)
