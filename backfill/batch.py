@@ -40,7 +40,6 @@ from backfill.errors import BackfillError, ConfigError, LeaseHeld
 from backfill.providers.base import BATCH_PRICE_FACTOR, ProviderError, check_vectors
 from backfill.schema import backfill_batch_chunks as chunks_t
 from backfill.schema import backfill_batches as batches_t
-from backfill.schema import backfill_embeddings
 
 MODES = ("sync", "batch")
 MAX_LINES = 50_000
@@ -468,23 +467,10 @@ class BatchRunner:
 
     def _write_vectors(self, conn: Connection, spec: targets.Spec, vectors: dict[int, list[float]],
                        hashes: dict[int, str]) -> None:
-        cond = [spec.key == sa.bindparam("k")]
-        if self.options.user_id is not None:
-            cond.append(spec.user_id == self.options.user_id)
-        conn.execute(spec.table.update().where(*cond).values(embedding=sa.bindparam("e")),
-                     [{"k": rid, "e": json.dumps(vec, separators=(",", ":"))} for rid, vec in vectors.items()])
-        if self.dialect == "postgresql":
-            from sqlalchemy.dialects.postgresql import insert
-        else:
-            from sqlalchemy.dialects.sqlite import insert
-        stmt = insert(backfill_embeddings)
-        stmt = stmt.on_conflict_do_update(
-            index_elements=[backfill_embeddings.c.target, backfill_embeddings.c.row_id],
-            set_={c: stmt.excluded[c] for c in ("provider", "model", "dimensions", "recipe_version", "content_hash",
-                                                "job_id", "embedded_at")},
-        )
+        _runner.write_vectors(conn, spec, self.options.user_id,
+                              {rid: _runner.encode_vector(vec) for rid, vec in vectors.items()})
         stamp = jobs.now_iso()
-        conn.execute(stmt, [
+        _runner.record_provenance(conn, [
             {"target": spec.name, "row_id": rid, "provider": self.provider.name, "model": self.provider.model,
              "dimensions": self.job.dimensions, "recipe_version": self.options.recipe, "content_hash": hashes[rid],
              "job_id": self.job.id, "embedded_at": stamp}

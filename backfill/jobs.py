@@ -17,7 +17,7 @@ from typing import Any, Callable
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from backfill.errors import BackfillError, ConfigError, LeaseHeld
+from backfill.errors import ConfigError, LeaseHeld
 from backfill.schema import backfill_failures as failures_t
 from backfill.schema import backfill_jobs as jobs_t
 

@@ -376,13 +376,8 @@ class Runner:
                 deltas.update(selected=len(rows), failed=len(result.failures), skipped=len(result.skipped))
             jobs.advance(conn, self.job.id, self.worker, cursors=cursors, **deltas)
             if result.vectors:
-                cond = [spec.key == sa.bindparam("k")]
-                if self.options.user_id is not None:
-                    cond.append(spec.user_id == self.options.user_id)
-                conn.execute(
-                    spec.table.update().where(*cond).values(embedding=sa.bindparam("e")),
-                    [{"k": rid, "e": result.encoded.get(rid) or encode_vector(vec)} for rid, vec in result.vectors.items()],
-                )
+                write_vectors(conn, spec, self.options.user_id,
+                              {rid: result.encoded.get(rid) or encode_vector(vec) for rid, vec in result.vectors.items()})
                 if self.options.vector_column:
                     vectors.write(conn, spec, self.options.vector_column, list(result.vectors))
                 self._provenance(conn, spec, result, stamp)
@@ -398,17 +393,7 @@ class Runner:
         self.job_elapsed_committed = elapsed
 
     def _provenance(self, conn: Connection, spec: targets.Spec, result: PageResult, stamp: str) -> None:
-        if self.dialect == "postgresql":
-            from sqlalchemy.dialects.postgresql import insert
-        else:
-            from sqlalchemy.dialects.sqlite import insert
-        stmt = insert(backfill_embeddings)
-        stmt = stmt.on_conflict_do_update(
-            index_elements=[backfill_embeddings.c.target, backfill_embeddings.c.row_id],
-            set_={c: stmt.excluded[c] for c in ("provider", "model", "dimensions", "recipe_version", "content_hash",
-                                                "job_id", "embedded_at")},
-        )
-        conn.execute(stmt, [
+        record_provenance(conn, [
             {"target": spec.name, "row_id": rid, "provider": self.provider.name, "model": self.provider.model,
              "dimensions": self.provider.dimensions, "recipe_version": self.options.recipe,
              "content_hash": targets.content_hash(result.texts[rid]), "job_id": self.job.id, "embedded_at": stamp}
@@ -503,6 +488,32 @@ def pack_requests(items: Sequence[Any], batch_size: int) -> list[list[Any]]:
     if current:
         out.append(current)
     return out
+
+
+def write_vectors(conn: Connection, spec: targets.Spec, user_id: str | None, encoded: dict[int, str]) -> None:
+    """UPDATE each row's embedding (already encoded as stored text), within the caller's transaction."""
+    cond = [spec.key == sa.bindparam("k")]
+    if user_id is not None:
+        cond.append(spec.user_id == user_id)
+    conn.execute(spec.table.update().where(*cond).values(embedding=sa.bindparam("e")),
+                 [{"k": rid, "e": text} for rid, text in encoded.items()])
+
+
+def record_provenance(conn: Connection, rows: list[dict[str, Any]]) -> None:
+    """Upsert one provenance row per written vector (model, dimensions, recipe, content hash, job)."""
+    if not rows:
+        return
+    if conn.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    stmt = insert(backfill_embeddings)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=[backfill_embeddings.c.target, backfill_embeddings.c.row_id],
+        set_={c: stmt.excluded[c] for c in ("provider", "model", "dimensions", "recipe_version", "content_hash",
+                                            "job_id", "embedded_at")},
+    )
+    conn.execute(stmt, rows)
 
 
 def _accepts_tokens(provider: Provider) -> bool:

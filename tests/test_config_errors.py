@@ -11,7 +11,6 @@ from backfill import sample
 from backfill.db import engine_for, resolve
 from backfill.testing.libsql_server import LibsqlServer
 
-from conftest import make_backend
 
 SECRET = "tok-SUPER-SECRET-4242"
 
