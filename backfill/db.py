@@ -169,6 +169,8 @@ def engine_for(target: Target, *, must_exist: bool = True) -> Engine:
     engine = sa.create_engine(target.url, **kwargs)
     if target.kind == "sqlite":
         _sqlite_pragmas(engine)
+    elif target.kind == "libsql":
+        _busy_timeout(engine)
     _discard_broken_connections(engine)
     return engine
 
@@ -182,6 +184,16 @@ def _sqlite_pragmas(engine: Engine) -> None:
         # a TEXT value that is not valid UTF-8 (SQLite stores whatever it is given) must not stop a
         # job: undecodable bytes become lone surrogates, which every text recipe removes
         dbapi_conn.text_factory = _lenient_text
+
+
+def _busy_timeout(engine: Engine) -> None:
+    """An embedded libSQL file waits for another process's write lock instead of failing at once
+    with "database is locked" (the driver sets no busy timeout of its own)."""
+    @sa.event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn, _record):  # noqa: ANN001
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA busy_timeout = 30000")
+        cur.close()
 
 
 def _lenient_text(raw: bytes) -> str:
