@@ -79,3 +79,22 @@ def assert_vectors_match_recipe(engine: sa.Engine, rows: set[tuple[str, int]]) -
                 assert json.loads(row["embedding"]) == fake_vector(text, DIMS, MODEL), f"{table}:{row['id']}"
                 checked += 1
     return checked
+
+
+def check_counters(engine) -> None:
+    """The jobs' embedded counters equal the provenance rows actually written."""
+    with engine.connect() as conn:
+        counted = conn.exec_driver_sql("SELECT coalesce(sum(embedded), 0) FROM backfill_jobs").scalar()
+        written = conn.exec_driver_sql("SELECT count(*) FROM backfill_embeddings").scalar()
+    assert counted == written
+
+
+def rows_by_text(engine) -> dict[str, set[tuple[str, int]]]:
+    """Recipe text -> the rows that carry it (a few sample rows share a text)."""
+    out: dict[str, set[tuple[str, int]]] = {}
+    with engine.connect() as conn:
+        for table, spec in targets.SPECS.items():
+            cols = ", ".join(["id", *spec.text_columns])
+            for row in conn.exec_driver_sql(f"SELECT {cols} FROM {table}").mappings():
+                out.setdefault(expected_text(table, row), set()).add((table, row["id"]))
+    return out

@@ -20,6 +20,7 @@ from backfill.testing.fake_openai import FakeOpenAI
 from conftest import ROOT, make_backend
 from engine_helpers import (
     DIMS, RUN_ARGS, assert_vectors_match_recipe, build, checksum_other_columns, embeddings, env_for, is_vector, needing,
+    check_counters, rows_by_text,
 )
 
 
@@ -210,12 +211,12 @@ def test_sigkill_at_random_points_then_resume_equals_an_uninterrupted_run(name, 
             committed = {(t, i) for t in ("memories", "entities") for i, e in embeddings(engine, t).items()
                          if is_vector(e)}
             # what the killed run sent is gone; the next run must not re-send committed rows (beyond in-flight)
-            _check_counters(engine)
+            check_counters(engine)
             server.reset_log()
             nxt = subprocess.run([sys.executable, "-m", "backfill", "resume", "--limit", "20", "-b", "10",
                                   "--concurrency", "2"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
             assert nxt.returncode in (0, 2), nxt.stdout + nxt.stderr
-            by_text = _rows_by_text(engine)
+            by_text = rows_by_text(engine)
             resent = [t for t in set(server.inputs_seen(status=None)) if by_text.get(t) and by_text[t] <= committed]
             assert not resent, f"re-sent texts of committed rows: {[sorted(by_text[t]) for t in resent][:5]}"
             engine.dispose()
@@ -226,26 +227,4 @@ def test_sigkill_at_random_points_then_resume_equals_an_uninterrupted_run(name, 
     ref_engine, victim_engine = reference.engine(), victim.engine()
     for table in ("memories", "entities"):
         assert embeddings(victim_engine, table) == embeddings(ref_engine, table)
-    _check_counters(victim_engine)
-
-
-def _check_counters(engine) -> None:
-    """The jobs' embedded counters equal the provenance rows actually written."""
-    with engine.connect() as conn:
-        counted = conn.exec_driver_sql("SELECT coalesce(sum(embedded), 0) FROM backfill_jobs").scalar()
-        written = conn.exec_driver_sql("SELECT count(*) FROM backfill_embeddings").scalar()
-    assert counted == written
-
-
-def _rows_by_text(engine) -> dict[str, set[tuple[str, int]]]:
-    """Recipe text -> the rows that have it (a few sample rows share a text)."""
-    from engine_helpers import expected_text
-    from backfill import targets
-
-    out: dict[str, set[tuple[str, int]]] = {}
-    with engine.connect() as conn:
-        for table, spec in targets.SPECS.items():
-            cols = ", ".join(["id", *spec.text_columns])
-            for row in conn.exec_driver_sql(f"SELECT {cols} FROM {table}").mappings():
-                out.setdefault(expected_text(table, row), set()).add((table, row["id"]))
-    return out
+    check_counters(victim_engine)

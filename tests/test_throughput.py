@@ -17,6 +17,7 @@ from backfill.testing.fake_openai import FakeOpenAI
 from conftest import ROOT, make_backend
 from engine_helpers import (
     RUN_ARGS, assert_vectors_match_recipe, build, embeddings, env_for, expected_text, is_vector, needing,
+    check_counters, rows_by_text,
 )
 
 
@@ -29,25 +30,6 @@ def _texts(engine, rows: set[tuple[str, int]]) -> Counter:
             for row in conn.exec_driver_sql(f"SELECT {cols} FROM {table}").mappings():
                 if (table, row["id"]) in rows:
                     out[expected_text(table, row)] += 1
-    return out
-
-
-def _check_counters(engine) -> None:
-    """The jobs' embedded counters equal the provenance rows actually written."""
-    with engine.connect() as conn:
-        counted = conn.exec_driver_sql("SELECT coalesce(sum(embedded), 0) FROM backfill_jobs").scalar()
-        written = conn.exec_driver_sql("SELECT count(*) FROM backfill_embeddings").scalar()
-    assert counted == written
-
-
-def _rows_by_text(engine) -> dict[str, set[tuple[str, int]]]:
-    """Recipe text -> the rows that carry it (a few sample rows share a text)."""
-    out: dict[str, set[tuple[str, int]]] = {}
-    with engine.connect() as conn:
-        for table, spec in targets.SPECS.items():
-            cols = ", ".join(["id", *spec.text_columns])
-            for row in conn.exec_driver_sql(f"SELECT {cols} FROM {table}").mappings():
-                out.setdefault(expected_text(table, row), set()).add((table, row["id"]))
     return out
 
 
@@ -112,12 +94,12 @@ def test_sigkill_with_many_requests_in_flight_then_resume_equals_an_uninterrupte
             kills += 1
             engine = victim.engine()
             committed = {(t, i) for t in ("memories", "entities") for i, e in embeddings(engine, t).items() if is_vector(e)}
-            _check_counters(engine)
+            check_counters(engine)
             server.reset_log()
             nxt = subprocess.run([sys.executable, "-m", "backfill", "resume", "--limit", "40", *args[-4:]],
                                  env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
             assert nxt.returncode in (0, 2), nxt.stdout + nxt.stderr
-            by_text = _rows_by_text(engine)
+            by_text = rows_by_text(engine)
             resent = [t for t in set(server.inputs_seen(status=None)) if by_text.get(t) and by_text[t] <= committed]
             assert not resent, f"re-sent texts of committed rows: {[sorted(by_text[t]) for t in resent][:5]}"
             engine.dispose()
@@ -128,7 +110,7 @@ def test_sigkill_with_many_requests_in_flight_then_resume_equals_an_uninterrupte
     ref_engine, victim_engine = reference.engine(), victim.engine()
     for table in ("memories", "entities"):
         assert embeddings(victim_engine, table) == embeddings(ref_engine, table)
-    _check_counters(victim_engine)
+    check_counters(victim_engine)
 
 
 def test_bench_smoke_db_side_prints_its_table_and_summary():
