@@ -154,8 +154,10 @@ def claim(conn: Connection, job: Job, worker: str, lease_s: float = LEASE_SECOND
             stop_reason=None, updated_at=stamp,
         )
     ).rowcount
-    if changed != 1:
-        raise LeaseHeld(f"job {job.id} was claimed by another worker just now")
+    if changed != 1:  # another worker won the race: name it, like any held lease
+        row = conn.execute(sa.select(jobs_t.c.worker_id, jobs_t.c.lease_expires_at).where(jobs_t.c.id == job.id)).first()
+        who, until = (row[0], row[1]) if row is not None and row[0] else ("(another worker)", "its lease ends")
+        raise LeaseHeld(f"job {job.id} is held by worker {who} until {until}; wait, or run again with --wait")
     return get(conn, job.id)
 
 
