@@ -183,60 +183,46 @@ def _request(provider: str, model, dimensions, target, user_email, batch_size, d
                       max_tpm=max_tpm, timeout_s=timeout, wait=wait)
 
 
-@app.command()
-def run(
-    database_url: DatabaseUrl = None, provider: Provider = "openai", model: Model = None, dimensions: Dimensions = None,
-    base_url: BaseUrl = None, target: Target = "all", user_email: UserEmail = None, batch_size: BatchSize = 100,
-    delay_ms: DelayMs = 0, concurrency: Concurrency = 4, limit: Limit = None, max_runtime: MaxRuntime = None,
-    recipe: Recipe = "mcp-memory-ts/1", reembed_all: ReembedAll = False, max_rpm: MaxRpm = None,
-    max_tpm: MaxTpm = None, timeout: Timeout = 60.0, wait: Wait = False, log_format: LogFormat = "auto",
-    mode: Mode = "sync", batch_file_lines: BatchFileLines = 50_000, poll_interval: PollInterval = 60.0,
-    reembed_stale: ReembedStale = False, adopt_existing: AdoptExisting = False,
-    max_failed_ratio: MaxFailedRatio = None, vector_column: VectorColumn = None,
-    max_cost: MaxCost = None, price_per_mtok: PricePerMtok = None,
-) -> None:
-    """Embed every row that needs it: start a job, or resume the open one with the same parameters.
+def _job_command(action: str, doc: str) -> Callable[..., None]:
+    """`run` and `up` take the same options; they differ only in the library function they call."""
+
+    def command(
+        database_url: DatabaseUrl = None, provider: Provider = "openai", model: Model = None,
+        dimensions: Dimensions = None, base_url: BaseUrl = None, target: Target = "all", user_email: UserEmail = None,
+        batch_size: BatchSize = 100, delay_ms: DelayMs = 0, concurrency: Concurrency = 4, limit: Limit = None,
+        max_runtime: MaxRuntime = None, recipe: Recipe = "mcp-memory-ts/1", reembed_all: ReembedAll = False,
+        max_rpm: MaxRpm = None, max_tpm: MaxTpm = None, timeout: Timeout = 60.0, wait: Wait = False,
+        log_format: LogFormat = "auto", mode: Mode = "sync", batch_file_lines: BatchFileLines = 50_000,
+        poll_interval: PollInterval = 60.0, reembed_stale: ReembedStale = False, adopt_existing: AdoptExisting = False,
+        max_failed_ratio: MaxFailedRatio = None, vector_column: VectorColumn = None, max_cost: MaxCost = None,
+        price_per_mtok: PricePerMtok = None,
+    ) -> None:
+        from backfill import commands
+
+        req = _request(provider, model, dimensions, target, user_email, batch_size, delay_ms, concurrency, limit,
+                       max_runtime, recipe, reembed_all, max_rpm, max_tpm, timeout, wait)
+        req.reembed_stale, req.adopt_existing = reembed_stale, adopt_existing
+        req.max_failed_ratio, req.vector_column = max_failed_ratio, vector_column
+        req.max_cost, req.price_per_mtok = max_cost, price_per_mtok
+        req.extra.update(mode=mode, file_lines=batch_file_lines, poll_interval=poll_interval)
+        _execute(log_format, lambda: load_settings(database_url, openai_base_url=base_url),
+                 lambda s: getattr(commands, action)(s, req))
+
+    command.__name__ = action
+    command.__doc__ = doc
+    return command
+
+
+app.command("run")(_job_command("run", """Embed every row that needs it: start a job, or resume the open one with the same parameters.
 
     Example: backfill run -b 100 -u alice@example.com
 
     Batch API (half price, within 24 h): backfill run --mode batch -b 500 --max-runtime 60; later: backfill resume
-    """
-    from backfill import commands
-
-    req = _request(provider, model, dimensions, target, user_email, batch_size, delay_ms, concurrency, limit,
-                   max_runtime, recipe, reembed_all, max_rpm, max_tpm, timeout, wait)
-    req.extra.update(mode=mode, file_lines=batch_file_lines, poll_interval=poll_interval)
-    req.reembed_stale, req.adopt_existing = reembed_stale, adopt_existing
-    req.max_failed_ratio, req.vector_column = max_failed_ratio, vector_column
-    req.max_cost, req.price_per_mtok = max_cost, price_per_mtok
-    _execute(log_format, lambda: load_settings(database_url, openai_base_url=base_url), lambda s: commands.run(s, req))
-
-
-@app.command()
-def up(
-    database_url: DatabaseUrl = None, provider: Provider = "openai", model: Model = None, dimensions: Dimensions = None,
-    base_url: BaseUrl = None, target: Target = "all", user_email: UserEmail = None, batch_size: BatchSize = 100,
-    delay_ms: DelayMs = 0, concurrency: Concurrency = 4, limit: Limit = None, max_runtime: MaxRuntime = None,
-    recipe: Recipe = "mcp-memory-ts/1", reembed_all: ReembedAll = False, max_rpm: MaxRpm = None,
-    max_tpm: MaxTpm = None, timeout: Timeout = 60.0, wait: Wait = False, log_format: LogFormat = "auto",
-    mode: Mode = "sync", batch_file_lines: BatchFileLines = 50_000, poll_interval: PollInterval = 60.0,
-    reembed_stale: ReembedStale = False, adopt_existing: AdoptExisting = False,
-    max_failed_ratio: MaxFailedRatio = None, vector_column: VectorColumn = None,
-    max_cost: MaxCost = None, price_per_mtok: PricePerMtok = None,
-) -> None:
-    """The whole chain: migrate -> verify -> run (resuming the open job) -> stats. Safe after every deploy.
+    """))
+app.command("up")(_job_command("up", """The whole chain: migrate -> verify -> run (resuming the open job) -> stats. Safe after every deploy.
 
     Example: backfill up --database-url ./memory.db --provider local
-    """
-    from backfill import commands
-
-    req = _request(provider, model, dimensions, target, user_email, batch_size, delay_ms, concurrency, limit,
-                   max_runtime, recipe, reembed_all, max_rpm, max_tpm, timeout, wait)
-    req.extra.update(mode=mode, file_lines=batch_file_lines, poll_interval=poll_interval)
-    req.reembed_stale, req.adopt_existing = reembed_stale, adopt_existing
-    req.max_failed_ratio, req.vector_column = max_failed_ratio, vector_column
-    req.max_cost, req.price_per_mtok = max_cost, price_per_mtok
-    _execute(log_format, lambda: load_settings(database_url, openai_base_url=base_url), lambda s: commands.up(s, req))
+    """))
 
 
 @app.command()
