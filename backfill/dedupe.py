@@ -71,7 +71,7 @@ def known_vectors(engine: Engine, spec: targets.Spec, hashes: Sequence[str], *, 
 def reduce(engine: Engine, spec: targets.Spec, items: list["Item"], result: "PageResult", *, model: str,
            dimensions: int, recipe: str, user_id: str | None, across_jobs: bool = True) -> list["Item"]:
     """The items that must be sent; copies are recorded in `result` (vectors, copies, tokens_saved)."""
-    hashes = {i.row_id: targets.content_hash(result.texts[i.row_id]) for i in items}
+    hashes = {i.row_id: result.hashes[i.row_id] for i in items}
     known = known_vectors(engine, spec, list(hashes.values()), model=model, dimensions=dimensions, recipe=recipe,
                           user_id=user_id) if across_jobs else {}
     send: list[Item] = []

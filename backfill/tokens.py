@@ -25,13 +25,13 @@ def encoding() -> tiktoken.Encoding:
 
 
 def count(text: str) -> int:
-    return len(encoding().encode(text, disallowed_special=()))
+    return len(encoding().encode_ordinary(text))
 
 
 def truncate(text: str, max_tokens: int = MAX_INPUT_TOKENS) -> tuple[str, int, bool]:
     """Cut `text` to at most `max_tokens` tokens. Returns (text, tokens, truncated)."""
     enc = encoding()
-    ids = enc.encode(text, disallowed_special=())
+    ids = enc.encode_ordinary(text)
     if len(ids) <= max_tokens:
         return text, len(ids), False
     cut = enc.decode(ids[:max_tokens])

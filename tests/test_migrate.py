@@ -109,3 +109,71 @@ def test_alembic_command_line_works_on_the_same_database(tmp_path, cli):
     assert cli("verify", "--log-format", "human", env=env).code == 0
     result = cli("migrate", env=env)
     assert json.loads(result.stdout.splitlines()[-1])["action"] == "at-head"
+
+
+_INTEGRITY = "INSERT INTO memories_fts(memories_fts, rank) VALUES ('integrity-check', 1)"  # index vs table
+
+
+def _fts_index(engine: sa.Engine) -> list[tuple]:
+    """The FTS5 index itself (its segment and structure records), byte for byte."""
+    with engine.connect() as conn:
+        return [tuple(r) for r in conn.execute(sa.text("SELECT id, block FROM memories_fts_data ORDER BY id"))]
+
+
+def _trigger_sql(engine: sa.Engine, name: str) -> str:
+    with engine.connect() as conn:
+        return conn.execute(sa.text("SELECT sql FROM sqlite_master WHERE type = 'trigger' AND name = :n"),
+                            {"n": name}).scalar()
+
+
+def _edit_and_search(engine: sa.Engine, row_id: int) -> tuple[list[int], list[int]]:
+    """Edit one memory's content as the server would; which rows match the old and the new word."""
+    with engine.begin() as conn:
+        conn.execute(sa.text("UPDATE memories SET content = 'zebracorn migration', title = 'edited' WHERE id = :i"),
+                     {"i": row_id})
+    with engine.begin() as conn:
+        conn.execute(sa.text("UPDATE memories SET content = 'quokkafish arrived' WHERE id = :i"), {"i": row_id})
+    return _fts_ids(engine, "zebracorn"), _fts_ids(engine, "quokkafish")
+
+
+def test_embedding_writes_leave_the_fts_index_alone_and_edits_keep_it_exact(file_backend, cli):
+    """0005: the FTS update triggers fire only on the indexed columns and delete the old words."""
+    engine = _legacy(file_backend)
+    # the server's own triggers: an edit leaves the old word searchable (why 0005 exists)
+    assert _edit_and_search(engine, 1) == ([1], [1])
+    with pytest.raises(Exception, match="malformed"), engine.connect() as conn:  # and the index is corrupt
+        conn.execute(sa.text(_INTEGRITY))
+    engine.dispose()
+    assert cli("migrate", "--database-url", file_backend.url).code == 0
+    engine = file_backend.engine()
+    assert "AFTER UPDATE OF title, content, tags ON memories" in _trigger_sql(engine, "memories_fts_update")
+    assert "AFTER UPDATE OF name, description, notes, tags ON entities" in _trigger_sql(engine, "entities_fts_update")
+
+    index = _fts_index(engine)
+    meeting = _fts_ids(engine, "meeting")
+    with engine.begin() as conn:  # what a backfill writes, and another column the server updates
+        conn.execute(sa.text("UPDATE memories SET embedding = '[0.5, 0.25]', importance = 3 WHERE id <= 60"))
+    assert _fts_index(engine) == index  # not one byte of the index was rewritten
+    assert _fts_ids(engine, "meeting") == meeting
+
+    # row 2's old word is gone and its new one found; row 1 still shows the word its pre-0005 edit left
+    assert _edit_and_search(engine, 2) == ([1], [1, 2])
+    with engine.begin() as conn:  # the README's one-off clean-up of such leftovers
+        conn.execute(sa.text("INSERT INTO memories_fts(memories_fts) VALUES ('rebuild')"))
+    assert (_fts_ids(engine, "zebracorn"), _fts_ids(engine, "quokkafish")) == ([], [1, 2])
+    with engine.connect() as conn:  # the index agrees with the table again
+        conn.execute(sa.text(_INTEGRITY))
+    assert cli("verify", "--database-url", file_backend.url).code == 0
+
+
+def test_downgrade_below_0005_restores_the_servers_triggers(tmp_path):
+    db = tmp_path / "down.db"
+    env = {**__import__("os").environ, "DATABASE_URL": f"sqlite:///{db}"}
+    for args in (["upgrade", "head"], ["downgrade", "0004"]):
+        done = subprocess.run([sys.executable, "-m", "alembic", *args], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+    engine = sa.create_engine(f"sqlite:///{db}")
+    for name in ("memories_fts_update", "entities_fts_update"):
+        original = next(s for s in baseline.FTS if f" {name} " in s)
+        assert _trigger_sql(engine, name) == original.replace("IF NOT EXISTS ", "")
