@@ -77,7 +77,7 @@ def api_for(settings: Settings, job: jobs.Job, timeout: float = 60.0) -> BatchAp
 
 
 def runner_factory(settings: Settings, job: jobs.Job, timeout: float, poll_interval_s: float) -> Callable[..., Any]:
-    """What `commands._drive` builds instead of the synchronous `Runner` for a batch job."""
+    """What `commands.runs._drive` builds instead of the synchronous `Runner` for a batch job."""
     options = BatchOptions(file_lines=int(job.params.get("file_lines") or MAX_LINES), poll_interval_s=poll_interval_s)
     return functools.partial(BatchRunner, api=api_for(settings, job, timeout), batch=options)
 

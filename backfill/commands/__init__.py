@@ -1,0 +1,33 @@
+"""One library function per CLI command: open the database, do the work, report the result.
+
+`database` (migrate, verify, stats), `request` (what a run is asked to do), `runs` (run, up, resume,
+retry-failed), `jobs_view` (status, jobs, cancel), `budget` (plan, --max-cost), `tools` (index,
+sample-db).
+"""
+
+from __future__ import annotations
+
+from backfill.commands.budget import plan
+from backfill.commands.database import migrate, open_database, stats, verify
+from backfill.commands.jobs_view import cancel, list_jobs, status
+from backfill.commands.request import RunRequest
+from backfill.commands.runs import resume, retry_failed, run, up
+from backfill.commands.tools import index, sample_db
+
+__all__ = [
+    "RunRequest",
+    "cancel",
+    "index",
+    "list_jobs",
+    "migrate",
+    "open_database",
+    "plan",
+    "resume",
+    "retry_failed",
+    "run",
+    "sample_db",
+    "stats",
+    "status",
+    "up",
+    "verify",
+]

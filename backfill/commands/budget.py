@@ -1,0 +1,92 @@
+"""`plan` (what a run would cost, sending nothing) and the `--max-cost` refusal before a run."""
+
+from __future__ import annotations
+
+import json
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from backfill import jobs, report, runner
+from backfill import plan as planning
+from backfill import stats as coverage
+from backfill.commands.database import open_database
+from backfill.commands.request import RunRequest, run_options, validate
+from backfill.config import Settings
+from backfill.errors import ConfigError
+from backfill.providers import DEFAULT_MODEL
+from backfill.providers.base import DEFAULT_DIMENSIONS, Provider
+
+
+def new_plan(req: RunRequest, provider_name: str, model: str, dimensions: int) -> planning.Plan:
+    price, source = planning.price_for(model, req.price_per_mtok)
+    if provider_name == "local" and req.price_per_mtok is None:
+        price, source = 0.0, "local"
+    rpm, tpm, limits = planning.limits_for(provider_name, req.max_rpm, req.max_tpm)
+    return planning.Plan(provider=provider_name, model=model, dimensions=dimensions, recipe=req.recipe,
+                         price_per_mtok=price, price_source=source, rpm=rpm, tpm=tpm, limits_source=limits)
+
+
+def open_cursors(engine: Engine, key: jobs.JobKey) -> dict[str, int]:
+    """Where a run would start: the open job's cursors, or the beginning."""
+    if not sa.inspect(engine).has_table("backfill_jobs"):
+        return {}
+    with engine.connect() as conn:
+        job = jobs.find_open(conn, key)
+    return job.cursors if job else {}
+
+
+def refuse_over_budget(engine: Engine, req: RunRequest, provider: Provider, options: runner.RunOptions,
+                       key: jobs.JobKey) -> None:
+    if req.max_cost < 0:
+        raise ConfigError("--max-cost must be >= 0 (US dollars)")
+    p = new_plan(req, provider.name, provider.model, provider.dimensions)
+    p.price_per_mtok = provider.price_per_mtok
+    planning.compute(engine, p, options, provider.fit, open_cursors(engine, key))
+    report.event("plan", **p.as_dict())
+    batch = req.extra.get("mode", "sync") == "batch"
+    cost = p.cost_usd_batch if batch else p.cost_usd
+    if cost > req.max_cost:
+        raise ConfigError(
+            f"this run would cost ${cost:.4f} ({p.tokens:,} tokens at ${p.price_per_mtok:g} per 1M"
+            f"{', Batch API half price' if batch else ''}), above "
+            f"--max-cost {req.max_cost:g}: raise --max-cost, or narrow it with -u/--target/--limit "
+            "(see `backfill plan`)"
+        )
+
+
+def plan(settings: Settings, req: RunRequest) -> int:
+    """What `run` with the same options would do: rows, tokens, requests, cost, ETA. Sends nothing."""
+    validate(req)
+    _target, engine = open_database(settings)
+    with engine.connect() as conn:
+        user_id = coverage.user_id_for(conn, req.user_email) if req.user_email else None
+    # the local model and the tokenizer load only for the provider asked for
+    if req.provider == "local":
+        from backfill.providers.local import LocalProvider
+
+        local = LocalProvider()
+        name, model, dims, fit = "local", local.model, local.dimensions, local.fit
+    elif req.provider == "openai":
+        from backfill.tokens import MAX_INPUT_TOKENS, truncate
+
+        name, model = "openai", req.model or DEFAULT_MODEL
+        dims = req.dimensions or DEFAULT_DIMENSIONS.get(model)
+        if not dims:
+            raise ConfigError(f"unknown dimensions for model {model!r}: pass --dimensions N")
+
+        def fit(text: str) -> tuple[str, int, bool]:
+            return truncate(text, MAX_INPUT_TOKENS)
+    else:
+        raise ConfigError(f"unknown provider {req.provider!r}: use --provider openai or --provider local")
+    options = run_options(req, user_id)
+    p = new_plan(req, name, model, dims)
+    key = jobs.JobKey("run", req.target, user_id, name, model, dims, req.recipe)
+    planning.compute(engine, p, options, fit, open_cursors(engine, key))
+    if report.is_json():
+        print(json.dumps(p.as_dict()), flush=True)
+    else:
+        report.say(planning.render(p))
+    if req.max_cost is not None and p.cost_usd > req.max_cost:
+        raise ConfigError(f"the plan costs ${p.cost_usd:.4f}, above --max-cost {req.max_cost:g}")
+    return 0
