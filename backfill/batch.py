@@ -33,7 +33,7 @@ from typing import IO, Any, Callable
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from backfill import jobs, report, runner as _runner, targets
+from backfill import jobs, report, runner as _runner, targets, writer
 from backfill.batch_api import ENDPOINT, TERMINAL, BatchApi
 from backfill.config import Settings
 from backfill.errors import BackfillError, ConfigError, LeaseHeld
@@ -467,10 +467,10 @@ class BatchRunner:
 
     def _write_vectors(self, conn: Connection, spec: targets.Spec, vectors: dict[int, list[float]],
                        hashes: dict[int, str]) -> None:
-        _runner.write_vectors(conn, spec, self.options.user_id,
+        writer.write_vectors(conn, spec, self.options.user_id,
                               {rid: _runner.encode_vector(vec) for rid, vec in vectors.items()})
         stamp = jobs.now_iso()
-        _runner.record_provenance(conn, [
+        writer.record_provenance(conn, [
             {"target": spec.name, "row_id": rid, "provider": self.provider.name, "model": self.provider.model,
              "dimensions": self.job.dimensions, "recipe_version": self.options.recipe, "content_hash": hashes[rid],
              "job_id": self.job.id, "embedded_at": stamp}

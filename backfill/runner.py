@@ -29,6 +29,7 @@ from backfill import db, dedupe, jobs, stale, targets, vectors
 from backfill.errors import ConfigError
 from backfill.providers.base import BadInput, FatalProviderError, Provider, ProviderError
 from backfill.schema import backfill_embeddings
+from backfill.writer import record_provenance, write_vectors
 
 MAX_REQUEST_INPUTS = 2048
 MAX_REQUEST_TOKENS = 300_000
@@ -188,6 +189,7 @@ class Runner:
         self.job_elapsed_committed = 0.0
         self._queued = 0  # rows selected so far (ahead of what has committed)
         self._in_flight_texts: dict[str, tuple[PageResult, int]] = {}  # text hash -> (uncommitted page, row)
+        self._cpu: ThreadPoolExecutor | None = None  # the prepare thread, while run() is on
         self._batches: int | None = None  # the job's batch counter as of our last commit (jobs.batch_landed)
 
     # --- enumerate ------------------------------------------------------------------------
@@ -243,6 +245,25 @@ class Runner:
             items.append(Item(spec.name, row_id, text, count, cut))
         return items
 
+    def _prepare(self, spec: targets.Spec, rows: list[sa.Row]) -> tuple[PageResult, list[Item]]:
+        result = PageResult()
+        return result, self._items(spec, rows, result)
+
+    def _prepared_pages(self, prep: ThreadPoolExecutor, spec: targets.Spec,
+                        cursor: int) -> Iterator[tuple[list[sa.Row], PageResult, list[Item]]]:
+        """`_pages`, each page read and its items made (recipe, tokens, hashes) on the prepare thread, one
+        page ahead: that Python work overlaps the writer's statements, which release the GIL (writer.py)."""
+        pages = self._pages(spec, cursor)
+
+        def step() -> tuple[list[sa.Row], PageResult, list[Item]] | None:
+            rows = next(pages, None)
+            return None if rows is None else (rows, *self._prepare(spec, rows))
+
+        ahead = prep.submit(step)
+        while (staged := ahead.result()) is not None:
+            ahead = prep.submit(step)
+            yield staged
+
     def _requests(self, items: list[Item]) -> list[list[Item]]:
         return pack_requests(items, self.options.batch_size)
 
@@ -279,10 +300,12 @@ class Runner:
         self._settle(result)
         return result
 
-    def _submit(self, pool: ThreadPoolExecutor, spec: targets.Spec, rows: list[sa.Row]) -> tuple[PageResult, Future]:
-        """Build a page's texts (dedupe needs the database, so here on the writer thread) and queue its requests."""
-        result = PageResult()
-        items = dedupe.reduce(self.engine, spec, self._items(spec, rows, result), result, model=self.provider.model,
+    def _submit(self, pool: ThreadPoolExecutor, spec: targets.Spec, rows: list[sa.Row],
+                prepared: tuple[PageResult, list[Item]] | None = None) -> tuple[PageResult, Future]:
+        """Dedupe a page's items (that reads the database, so it runs on the writer thread) and queue its
+        requests. The items (texts, tokens, hashes) are made here unless `_prepare` made them already."""
+        result, page_items = prepared or self._prepare(spec, rows)
+        items = dedupe.reduce(self.engine, spec, page_items, result, model=self.provider.model,
                               dimensions=self.job.dimensions, recipe=self.options.recipe, user_id=self.options.user_id,
                               across_jobs=not self.options.reembed_all)
         prepared: Future = Future()
@@ -323,9 +346,16 @@ class Runner:
             if self._in_flight_texts.get(digest, (None,))[0] is result:
                 del self._in_flight_texts[digest]
 
-    def _send(self, items: list[Item]) -> tuple[list[tuple[Item, list[float] | None, str | None]], int, int, dict[int, str]]:
+    def _send(self, items: list[Item]) -> tuple[list[tuple[Item, list[float] | None, str | None]], int, int, Future]:
+        """One request (on a pool thread); its vectors are encoded as stored text on the prepare thread,
+        so the Python work stays on one thread beside the writer instead of all of them (writer.py)."""
         outcomes, used, requests = self._embed(items)
-        return outcomes, used, requests, {i.row_id: encode_vector(v) for i, v, _e in outcomes if v is not None}
+        vectors = [(i.row_id, v) for i, v, _e in outcomes if v is not None]
+        if self._cpu is not None:
+            return outcomes, used, requests, self._cpu.submit(_encode_all, vectors)
+        encoded: Future = Future()
+        encoded.set_result(_encode_all(vectors))
+        return outcomes, used, requests, encoded
 
     def _wait(self, futures: list[Future]) -> None:
         """Wait for futures, heartbeating the lease while nothing finishes."""
@@ -346,6 +376,7 @@ class Runner:
         self._wait(futures)
         for fut in futures:
             outcomes, used, requests, encoded = fut.result()
+            encoded = encoded.result()
             result.tokens += used
             result.requests += requests
             result.encoded.update(encoded)
@@ -429,11 +460,13 @@ class Runner:
     def run(self) -> Outcome:
         cursors = dict(self.job.cursors)
         pool = ThreadPoolExecutor(max_workers=self.options.concurrency, thread_name_prefix="embed")
+        # one thread for the Python work beside the writer: pages made in key order, answers encoded
+        prep = self._cpu = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare")
         try:
             for spec in targets.specs_for(self.job.target):
                 inflight: deque[tuple[list[sa.Row], PageResult, Future]] = deque()
-                for rows in self._pages(spec, cursors.get(spec.name, 0)):
-                    inflight.append((rows, *self._submit(pool, spec, rows)))
+                for rows, *prepared in self._prepared_pages(prep, spec, cursors.get(spec.name, 0)):
+                    inflight.append((rows, *self._submit(pool, spec, rows, tuple(prepared))))
                     # commit every finished page at the head, and the oldest once the pipeline is full
                     while inflight and (len(inflight) >= PIPELINE_PAGES or self._page_done(inflight[0][2])):
                         self._commit_next(spec, inflight, cursors)
@@ -442,9 +475,13 @@ class Runner:
                 if self.stop.reason:
                     break
         except BaseException:
-            pool.shutdown(wait=True, cancel_futures=True)
+            pool.shutdown(wait=True, cancel_futures=True)  # first: a request finishing now still hands its vectors on
+            prep.shutdown(wait=True, cancel_futures=True)
             raise
+        finally:
+            self._cpu = None
         pool.shutdown(wait=True)
+        prep.shutdown(wait=True)
         return self.outcome
 
     def _commit_next(self, spec: targets.Spec, inflight: deque, cursors: dict[str, int]) -> None:
@@ -493,30 +530,8 @@ def pack_requests(items: Sequence[Any], batch_size: int) -> list[list[Any]]:
     return out
 
 
-def write_vectors(conn: Connection, spec: targets.Spec, user_id: str | None, encoded: dict[int, str]) -> None:
-    """UPDATE each row's embedding (already encoded as stored text), within the caller's transaction."""
-    cond = [spec.key == sa.bindparam("k")]
-    if user_id is not None:
-        cond.append(spec.user_id == user_id)
-    conn.execute(spec.table.update().where(*cond).values(embedding=sa.bindparam("e")),
-                 [{"k": rid, "e": text} for rid, text in encoded.items()])
-
-
-def record_provenance(conn: Connection, rows: list[dict[str, Any]]) -> None:
-    """Upsert one provenance row per written vector (model, dimensions, recipe, content hash, job)."""
-    if not rows:
-        return
-    if conn.dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
-    else:
-        from sqlalchemy.dialects.sqlite import insert
-    stmt = insert(backfill_embeddings)
-    stmt = stmt.on_conflict_do_update(
-        index_elements=[backfill_embeddings.c.target, backfill_embeddings.c.row_id],
-        set_={c: stmt.excluded[c] for c in ("provider", "model", "dimensions", "recipe_version", "content_hash",
-                                            "job_id", "embedded_at")},
-    )
-    conn.execute(stmt, rows)
+def _encode_all(vectors: list[tuple[int, list[float]]]) -> dict[int, str]:
+    return {row_id: encode_vector(v) for row_id, v in vectors}
 
 
 def _accepts_tokens(provider: Provider) -> bool:
