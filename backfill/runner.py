@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import signal
+import sys
 import threading
 import time
 from collections import deque
@@ -34,6 +35,7 @@ from backfill.writer import record_provenance, write_vectors
 MAX_REQUEST_INPUTS = 2048
 MAX_REQUEST_TOKENS = 300_000
 PIPELINE_PAGES = 3  # pages selected and queued ahead of the one being committed
+GIL_SWITCH_S = 0.001  # while a job runs (CPython's default is 0.005)
 
 
 def encode_vector(vector: Sequence[float]) -> str:
@@ -462,6 +464,10 @@ class Runner:
         pool = ThreadPoolExecutor(max_workers=self.options.concurrency, thread_name_prefix="embed")
         # one thread for the Python work beside the writer: pages made in key order, answers encoded
         prep = self._cpu = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare")
+        # the writer gives up the GIL inside each statement; it should not then wait CPython's default 5 ms
+        # for the prepare thread to hand it back (measured: ~8 % more rows/s at 1 ms, scripts/bench (b))
+        switch = sys.getswitchinterval()
+        sys.setswitchinterval(min(switch, GIL_SWITCH_S))
         try:
             for spec in targets.specs_for(self.job.target):
                 inflight: deque[tuple[list[sa.Row], PageResult, Future]] = deque()
@@ -480,6 +486,7 @@ class Runner:
             raise
         finally:
             self._cpu = None
+            sys.setswitchinterval(switch)
         pool.shutdown(wait=True)
         prep.shutdown(wait=True)
         return self.outcome
