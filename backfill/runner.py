@@ -189,7 +189,7 @@ class Runner:
         self._last_request = 0.0
         self._request_lock = threading.Lock()
         self.job_elapsed_committed = 0.0
-        self._queued = 0  # rows selected so far (ahead of what has committed)
+        self.queued = 0  # rows selected so far (ahead of what has committed)
         self._in_flight_texts: dict[str, tuple[PageResult, int]] = {}  # text hash -> (uncommitted page, row)
         self._cpu: ThreadPoolExecutor | None = None  # the prepare thread, while run() is on
         self._batches: int | None = None  # the job's batch counter as of our last commit (jobs.batch_landed)
@@ -202,7 +202,7 @@ class Runner:
         while not self.stop.reason:
             size = self.options.page_size
             if self.options.limit is not None:
-                size = min(size, self.options.limit - self._queued)
+                size = min(size, self.options.limit - self.queued)
                 if size <= 0:
                     self.stop.set("limit reached")
                     return
@@ -214,7 +214,7 @@ class Runner:
             rows = db.retrying(self.engine, lambda conn: conn.execute(query).all(), write=False)
             if not rows:
                 return
-            self._queued += len(rows)
+            self.queued += len(rows)
             yield rows
             cursor = int(rows[-1][0])
 

@@ -163,7 +163,7 @@ def pages(runner: "Runner", spec: targets.Spec, cursor: int) -> Iterator[list[sa
     while not runner.stop.reason:
         size = opts.page_size
         if opts.limit is not None:
-            size = min(size, opts.limit - runner.outcome.selected)
+            size = min(size, opts.limit - runner.queued)  # rows handed out, committed or not
             if size <= 0:
                 runner.stop.set("limit reached")
                 return
@@ -180,6 +180,7 @@ def pages(runner: "Runner", spec: targets.Spec, cursor: int) -> Iterator[list[sa
                     break
         if not batch:
             return
+        runner.queued += len(batch)
         yield batch
         cursor = int(batch[-1][0])
 

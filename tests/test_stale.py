@@ -121,3 +121,24 @@ def test_other_model_and_older_recipe_are_stale_and_adopt_existing_records_unkno
     assert tables["entities"]["stale"] == 0
     models = {m for (m,) in _q(engine, "SELECT DISTINCT model FROM backfill_embeddings")}
     assert models == {MODEL}
+
+
+def test_reembed_stale_with_a_limit_sends_exactly_that_many_rows(tmp_path, cli):
+    """--limit counts rows handed out, committed or not: pages read ahead never overshoot it."""
+    be = make_backend("sqlite", tmp_path)
+    engine = be.engine()
+    build(engine, memories=200, entities=0)
+    with FakeOpenAI() as server:
+        env = env_for(server, be.url)
+        assert cli("up", *RUN_ARGS, env=env).code == 0
+        ours = [i for (i,) in _q(engine, "SELECT row_id FROM backfill_embeddings WHERE target = 'memories' "
+                                         "ORDER BY row_id")]
+        ids = ",".join(map(str, ours[:50]))
+        with engine.begin() as conn:
+            conn.exec_driver_sql(f"UPDATE memories SET content = content || ' edited' WHERE id IN ({ids})")
+        server.reset_log()
+        limited = cli("run", *RUN_ARGS, "--reembed-stale", "--limit", "15", "-b", "5", "--concurrency", "2",
+                      "--target", "memories", env=env)
+        assert limited.code == 0, limited.output[-2000:]
+        assert server.stats()["inputs_embedded"] == 15
+    assert _stats(cli, be.url)["memories"]["stale"] == 35
