@@ -25,6 +25,11 @@ def _q(engine, sql: str) -> list:
         return conn.exec_driver_sql(sql).all()
 
 
+def _ours(engine) -> list[int]:
+    """Memories whose vector this tool wrote (they have provenance), by id."""
+    return [i for (i,) in _q(engine, "SELECT row_id FROM backfill_embeddings WHERE target = 'memories' ORDER BY row_id")]
+
+
 def _rows(engine, table: str, ids: list[int]) -> dict[int, dict]:
     with engine.connect() as conn:
         got = conn.exec_driver_sql(f"SELECT * FROM {table} ORDER BY id").mappings().all()
@@ -44,8 +49,7 @@ def test_editing_100_memories_reembeds_exactly_those_and_stats_reports_0_stale(n
                                                 "(SELECT row_id FROM backfill_embeddings WHERE target = 'memories')")]
         assert tables["memories"]["stale"] == 0 and tables["memories"]["unknown"] == len(preexisting) > 3
 
-        ours = [i for (i,) in _q(engine, "SELECT row_id FROM backfill_embeddings WHERE target = 'memories' "
-                                         "ORDER BY row_id")]
+        ours = _ours(engine)
         edited = ours[::2][:100]
         assert len(edited) == 100
         ids = ",".join(map(str, edited + preexisting[:3]))  # 3 unknown rows edited too: not stale, not sent
@@ -131,8 +135,7 @@ def test_reembed_stale_with_a_limit_sends_exactly_that_many_rows(tmp_path, cli):
     with FakeOpenAI() as server:
         env = env_for(server, be.url)
         assert cli("up", *RUN_ARGS, env=env).code == 0
-        ours = [i for (i,) in _q(engine, "SELECT row_id FROM backfill_embeddings WHERE target = 'memories' "
-                                         "ORDER BY row_id")]
+        ours = _ours(engine)
         ids = ",".join(map(str, ours[:50]))
         with engine.begin() as conn:
             conn.exec_driver_sql(f"UPDATE memories SET content = content || ' edited' WHERE id IN ({ids})")
