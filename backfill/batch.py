@@ -33,7 +33,7 @@ from typing import IO, Any, Callable
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from backfill import jobs, report, runner as _runner, targets, writer
+from backfill import jobs, packing, report, runner as _runner, stopping, targets, writer
 from backfill.batch_api import ENDPOINT, TERMINAL, BatchApi
 from backfill.config import Settings
 from backfill.errors import BackfillError, ConfigError, LeaseHeld
@@ -90,7 +90,7 @@ class BatchRunner:
     """Plan → upload → create → poll → collect, with the `Runner`'s constructor and `run()`."""
 
     def __init__(self, engine: Engine, provider: Any, job: jobs.Job, worker: str, options: _runner.RunOptions,
-                 progress: Any, stop: _runner.StopFlag, *, api: BatchApi, batch: BatchOptions) -> None:
+                 progress: Any, stop: stopping.StopFlag, *, api: BatchApi, batch: BatchOptions) -> None:
         self.engine = engine
         self.provider = provider
         self.job = job
@@ -101,7 +101,7 @@ class BatchRunner:
         self.api = api
         self.batch = batch
         self.dialect = engine.dialect.name
-        self.cap = min(int(job.params.get("batch_size") or options.batch_size), _runner.MAX_REQUEST_INPUTS)
+        self.cap = min(int(job.params.get("batch_size") or options.batch_size), packing.MAX_REQUEST_INPUTS)
         self.cursors = dict(job.cursors)
         self.outcome = _runner.Outcome(job.id, "running", None)
         self.started = time.monotonic()
@@ -209,9 +209,9 @@ class BatchRunner:
             if left == 0:
                 break
             rows = conn.execute(
-                sa.select(*_runner.select_columns(spec))
+                sa.select(*targets.select_columns(spec))
                 .where(spec.key > cursor, _runner.needing(spec, self.dialect, self.job.dimensions, self.options),
-                       *_runner.scope(spec, self.options.user_id))
+                       *targets.scope(spec, self.options.user_id))
                 .order_by(spec.key).limit(_PAGE if left is None else min(_PAGE, left))
             ).all()
             if not rows:
@@ -229,7 +229,7 @@ class BatchRunner:
                 count = min(size_bytes, self.provider.max_input_tokens or size_bytes)
                 grow = 2 * size_bytes + 4  # JSON escapes can double a text
                 over = size + added + grow + _LINE_BYTES > PLAN_BYTES  # the file would pass 200 MB
-                if current and (len(current) >= self.cap or used + count > _runner.MAX_REQUEST_TOKENS or over):
+                if current and (len(current) >= self.cap or used + count > packing.MAX_REQUEST_TOKENS or over):
                     chunks.append((spec.name, current, used))
                     current, used = [], 0
                     added += _LINE_BYTES
@@ -299,10 +299,10 @@ class BatchRunner:
                                    .order_by(chunks_t.c.id)).mappings().all():
                 spec = targets.SPECS[ch["target"]]
                 rows = conn.execute(
-                    sa.select(*_runner.select_columns(spec))
+                    sa.select(*targets.select_columns(spec))
                     .where(spec.key.in_(json.loads(ch["row_ids"])),
                            _runner.needing(spec, self.dialect, self.job.dimensions, self.options),
-                           *_runner.scope(spec, self.options.user_id))
+                           *targets.scope(spec, self.options.user_id))
                     .order_by(spec.key)
                 ).all()
                 ids, texts, hashes, tokens = [], [], [], 0
@@ -468,7 +468,7 @@ class BatchRunner:
     def _write_vectors(self, conn: Connection, spec: targets.Spec, vectors: dict[int, list[float]],
                        hashes: dict[int, str]) -> None:
         writer.write_vectors(conn, spec, self.options.user_id,
-                              {rid: _runner.encode_vector(vec) for rid, vec in vectors.items()})
+                              {rid: writer.encode_vector(vec) for rid, vec in vectors.items()})
         stamp = jobs.now_iso()
         writer.record_provenance(conn, [
             {"target": spec.name, "row_id": rid, "provider": self.provider.name, "model": self.provider.model,
@@ -611,7 +611,7 @@ def collect_for_status(settings: Settings, engine: Engine, job: jobs.Job) -> str
             job = jobs.claim(conn, jobs.get(conn, job.id), worker)
     except LeaseHeld:
         return f"not polled: worker {job.worker_id} is collecting"
-    run = BatchRunner(engine, provider, job, worker, options, _Quiet(), _runner.StopFlag(),
+    run = BatchRunner(engine, provider, job, worker, options, _Quiet(), stopping.StopFlag(),
                       api=api_for(settings, job), batch=BatchOptions())
     try:
         run.poll_once()

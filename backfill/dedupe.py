@@ -25,7 +25,8 @@ from backfill import db, targets
 from backfill.schema import backfill_embeddings as prov
 
 if TYPE_CHECKING:  # pragma: no cover
-    from backfill.runner import Item, PageResult
+    from backfill.packing import Item
+    from backfill.runner import PageResult
 
 
 def _vector(raw: Any, dimensions: int) -> list[float] | None:

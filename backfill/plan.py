@@ -16,7 +16,7 @@ from typing import Callable, Iterator
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from backfill import dedupe, runner, targets
+from backfill import dedupe, packing, runner, targets
 from backfill.providers.base import BATCH_PRICE_FACTOR, PRICES
 
 # A new OpenAI account's embedding limits (tier 1); pass --max-rpm/--max-tpm for yours.
@@ -115,9 +115,9 @@ def _pages(engine: Engine, spec: targets.Spec, dimensions: int, options: runner.
                 return
         with engine.connect() as conn:
             rows = conn.execute(
-                sa.select(*runner.select_columns(spec))
+                sa.select(*targets.select_columns(spec))
                 .where(spec.key > cursor, runner.needing(spec, dialect, dimensions, options),
-                       *runner.scope(spec, options.user_id))
+                       *targets.scope(spec, options.user_id))
                 .order_by(spec.key).limit(size)
             ).all()
         if not rows:
@@ -144,7 +144,7 @@ def compute(engine: Engine, plan: Plan, options: runner.RunOptions, fit: Fit,
                     tp.skipped += 1
                     continue
                 _cut, count, truncated = fit(text)
-                fitted.append((targets.content_hash(text), runner.Item(spec.name, int(row[0]), "", count, truncated)))
+                fitted.append((targets.content_hash(text), packing.Item(spec.name, int(row[0]), "", count, truncated)))
             known = {} if not provenance else dedupe.known_vectors(
                 engine, spec, [h for h, _ in fitted], model=plan.model, dimensions=plan.dimensions,
                 recipe=options.recipe, user_id=options.user_id)
@@ -158,7 +158,7 @@ def compute(engine: Engine, plan: Plan, options: runner.RunOptions, fit: Fit,
             tp.rows += len(rows)
             tp.tokens += sum(i.tokens for i in items)
             tp.truncated += sum(1 for i in items if i.truncated)
-            tp.requests += len(runner.pack_requests(items, options.batch_size))
+            tp.requests += len(packing.pack_requests(items, options.batch_size))
     return plan
 
 

@@ -9,12 +9,14 @@ Pipelining: up to PIPELINE_PAGES pages are selected ahead and their requests que
 (`--concurrency` requests in flight), while this thread, the only database writer, commits the
 oldest page as soon as its requests are done. Pages commit strictly in key order, so the cursor
 never moves past a row whose page has not committed.
+
+What the loop uses lives beside it: packing.py (inputs into requests by tokens), stopping.py (the stop
+flag and signals), writer.py (a page's writes, a vector's stored text), targets.py (a table's columns
+and user scope). The one-model-per-column check before a job starts is compat.py.
 """
 
 from __future__ import annotations
 
-import json
-import signal
 import sys
 import threading
 import time
@@ -27,30 +29,14 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from backfill import db, dedupe, jobs, stale, targets, vectors
-from backfill.errors import ConfigError
+from backfill.packing import Item, pack_requests
 from backfill.providers.base import BadInput, FatalProviderError, Provider, ProviderError
-from backfill.schema import backfill_embeddings
-from backfill.writer import record_provenance, write_vectors
+from backfill.stopping import StopFlag
+from backfill.targets import scope, select_columns
+from backfill.writer import encode_vector, record_provenance, write_vectors
 
-MAX_REQUEST_INPUTS = 2048
-MAX_REQUEST_TOKENS = 300_000
 PIPELINE_PAGES = 3  # pages selected and queued ahead of the one being committed
 GIL_SWITCH_S = 0.001  # while a job runs (CPython's default is 0.005)
-
-
-def encode_vector(vector: Sequence[float]) -> str:
-    """The stored text: a compact JSON array, floats in their shortest round-trip form."""
-    return _dumps(vector)
-
-
-try:
-    import orjson as _orjson
-
-    def _dumps(vector: Sequence[float]) -> str:
-        return _orjson.dumps(vector).decode()
-except ImportError:  # pragma: no cover - orjson is a dependency; json gives the same values, 20x slower
-    def _dumps(vector: Sequence[float]) -> str:
-        return json.dumps(vector, separators=(",", ":"))
 
 
 @dataclass
@@ -71,15 +57,6 @@ class RunOptions:
     @property
     def page_size(self) -> int:
         return max(1, self.batch_size * self.concurrency)
-
-
-@dataclass
-class Item:
-    target: str
-    row_id: int
-    text: str
-    tokens: int
-    truncated: bool = False
 
 
 @dataclass
@@ -112,50 +89,6 @@ class Outcome:
     elapsed_s: float = 0.0
     tokens_saved: int = 0
     failed_ids: list[tuple[str, int]] = field(default_factory=list)
-
-
-class StopFlag:
-    """Set by a signal, `--limit`, `--max-runtime` or `cancel`; checked between pages."""
-
-    def __init__(self) -> None:
-        self.reason: str | None = None
-        self.signalled = False
-
-    def set(self, reason: str, *, signalled: bool = False) -> None:
-        if self.reason is None:
-            self.reason = reason
-            self.signalled = signalled
-
-
-class signals_stop:
-    """SIGINT/SIGTERM finish the in-flight page, commit it and stop; a second SIGINT aborts."""
-
-    def __init__(self, flag: StopFlag) -> None:
-        self.flag = flag
-        self._old: dict[int, Any] = {}
-
-    def _handle(self, signum: int, _frame: Any) -> None:
-        if self.flag.signalled and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.flag.set(f"interrupted by {signal.Signals(signum).name}", signalled=True)
-
-    def __enter__(self) -> "signals_stop":
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-
-def select_columns(spec: targets.Spec) -> list[sa.Column]:
-    return [spec.key, *(spec.table.c[name] for name in spec.text_columns)]
-
-
-def scope(spec: targets.Spec, user_id: str | None) -> list[sa.ColumnElement[bool]]:
-    return [] if user_id is None else [spec.user_id == user_id]
 
 
 def needing(spec: targets.Spec, dialect: str, dimensions: int, options: RunOptions) -> sa.ColumnElement[bool]:
@@ -520,56 +453,9 @@ class Runner:
         return self.outcome
 
 
-def pack_requests(items: Sequence[Any], batch_size: int) -> list[list[Any]]:
-    """Pack consecutive items (anything with `.tokens`): at most -b inputs and 300k tokens per request."""
-    cap = min(batch_size, MAX_REQUEST_INPUTS)
-    out: list[list[Any]] = []
-    current: list[Any] = []
-    used = 0
-    for item in items:
-        if current and (len(current) >= cap or used + item.tokens > MAX_REQUEST_TOKENS):
-            out.append(current)
-            current, used = [], 0
-        current.append(item)
-        used += item.tokens
-    if current:
-        out.append(current)
-    return out
-
-
 def _encode_all(vectors: list[tuple[int, list[float]]]) -> dict[int, str]:
     return {row_id: encode_vector(v) for row_id, v in vectors}
 
 
 def _accepts_tokens(provider: Provider) -> bool:
     return provider.name == "openai"
-
-
-def ensure_compatible(conn: Connection, spec: targets.Spec, provider: Provider, user_id: str | None) -> None:
-    """Refuse to mix models or dimensions in one column (promise 6)."""
-    dialect = conn.dialect.name
-    prov = conn.execute(
-        sa.select(backfill_embeddings.c.model, backfill_embeddings.c.dimensions, sa.func.count())
-        .where(backfill_embeddings.c.target == spec.name)
-        .group_by(backfill_embeddings.c.model, backfill_embeddings.c.dimensions)
-    ).all()
-    for model, dims, n in prov:
-        if model != provider.model or dims != provider.dimensions:
-            raise ConfigError(
-                f"{spec.name}.embedding already holds {n} vectors from {model} ({dims} dimensions); this job would "
-                f"write {provider.model} ({provider.dimensions}). Use the same --model/--dimensions, or re-embed "
-                "every row on purpose with --reembed-all"
-            )
-    length = targets.vector_length(spec.embedding, dialect)
-    row = conn.execute(
-        sa.select(length.label("n"), sa.func.count().label("c")).select_from(spec.table)
-        .where(sa.not_(targets.missing(spec.embedding)), targets.valid_vector(spec.embedding, dialect),
-               *scope(spec, user_id))
-        .group_by(length).order_by(sa.func.count().desc()).limit(1)
-    ).first()
-    if row is not None and row.n != provider.dimensions:
-        raise ConfigError(
-            f"{spec.name}.embedding holds {row.c} vectors of {row.n} dimensions; {provider.model} would write "
-            f"{provider.dimensions}. Pick --model/--dimensions to match, or re-embed every row on purpose "
-            "with --reembed-all"
-        )

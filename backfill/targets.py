@@ -123,6 +123,14 @@ def specs_for(target: str) -> list[Spec]:
     return list(SPECS.values()) if target == "all" else [SPECS[target]]
 
 
+def select_columns(spec: Spec) -> list[sa.Column]:
+    return [spec.key, *(spec.table.c[name] for name in spec.text_columns)]
+
+
+def scope(spec: Spec, user_id: str | None) -> list[sa.ColumnElement[bool]]:
+    return [] if user_id is None else [spec.user_id == user_id]
+
+
 RECIPES = {"mcp-memory-ts/1": _ASCII_KEEP, "unicode/1": _UNICODE_KEEP}
 
 

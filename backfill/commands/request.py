@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from backfill import jobs, providers, runner, targets
+from backfill import jobs, packing, providers, runner, targets
 from backfill.config import Settings
 from backfill.errors import ConfigError
 from backfill.limits import Limiter
@@ -45,8 +45,8 @@ def validate(req: RunRequest) -> None:
         raise ConfigError(f"--target must be one of {', '.join(targets.TARGET_CHOICES)}")
     if req.recipe not in targets.RECIPES:
         raise ConfigError(f"--recipe must be one of {', '.join(targets.RECIPES)}")
-    if not 1 <= req.batch_size <= runner.MAX_REQUEST_INPUTS:
-        raise ConfigError(f"-b/--batch-size must be between 1 and {runner.MAX_REQUEST_INPUTS}")
+    if not 1 <= req.batch_size <= packing.MAX_REQUEST_INPUTS:
+        raise ConfigError(f"-b/--batch-size must be between 1 and {packing.MAX_REQUEST_INPUTS}")
     if not 1 <= req.concurrency <= 64:
         raise ConfigError("--concurrency must be between 1 and 64")
     if req.delay_ms < 0 or (req.limit is not None and req.limit < 1):

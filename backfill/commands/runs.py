@@ -9,7 +9,18 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from backfill import db, jobs, locks, report, runner, stale, targets, vectors
+from backfill import (
+    compat,
+    db,
+    jobs,
+    locks,
+    report,
+    runner,
+    stale,
+    stopping,
+    targets,
+    vectors,
+)
 from backfill import stats as coverage
 from backfill.commands.budget import refuse_over_budget
 from backfill.commands.database import (
@@ -49,7 +60,7 @@ def _drive(settings: Settings, engine: Engine, job: jobs.Job, provider: Provider
            options: runner.RunOptions, *, retry: bool = False, runner_class: Callable[..., Any] | None = None) -> int:
     worker = jobs.worker_identity()
     job = _claim(engine, job, worker, req)
-    stop = runner.StopFlag()
+    stop = stopping.StopFlag()
     with engine.connect() as conn:
         if retry:
             total = len(jobs.open_failures(conn, job.id))
@@ -59,7 +70,7 @@ def _drive(settings: Settings, engine: Engine, job: jobs.Job, provider: Provider
     run = (runner_class or runner.Runner)(engine, provider, job, worker, options, None, stop)
     status, reason = "interrupted", None
     try:
-        with runner.signals_stop(stop), report.Progress(job.id, total, "retry" if retry else "embedding") as progress:
+        with stopping.signals_stop(stop), report.Progress(job.id, total, "retry" if retry else "embedding") as progress:
             run.progress = progress
             outcome = run.retry() if retry else run.run()
         reason = stop.reason
@@ -147,7 +158,7 @@ def run(settings: Settings, req: RunRequest) -> int:
         if job is None:
             if not (req.reembed_all or req.reembed_stale):
                 for spec in targets.specs_for(req.target):
-                    runner.ensure_compatible(conn, spec, provider, user_id)
+                    compat.ensure_compatible(conn, spec, provider, user_id)
             elif req.reembed_stale and not req.reembed_all:
                 for spec in targets.specs_for(req.target):
                     stale.refuse_mixing(conn, spec, provider.model, provider.dimensions, user_id)
