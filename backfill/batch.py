@@ -135,7 +135,7 @@ class BatchRunner:
             self._check_stop()
         waiting = len(self._batches(OPEN_STATES))
         if self._limited and not self.stop.reason:
-            self.stop.set("limit reached")
+            self.stop.set(stopping.LIMIT_REACHED)
         if waiting and self.stop.reason:
             report.say(f"{waiting} batch(es) still at the provider: `backfill resume {self.job.id}` or "
                        f"`backfill status {self.job.id}` collects them when they finish")

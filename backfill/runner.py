@@ -5,10 +5,12 @@ OFFSET; `_embed_page` processes one page; `_commit` records progress. A page's e
 provenance, its failure rows, the job's counters and its cursor commit in ONE transaction, so a
 process killed at any instant repeats at most the pages that were in flight.
 
-Pipelining: up to PIPELINE_PAGES pages are selected ahead and their requests queued on the pool
-(`--concurrency` requests in flight), while this thread, the only database writer, commits the
-oldest page as soon as its requests are done. Pages commit strictly in key order, so the cursor
-never moves past a row whose page has not committed.
+Pipelining: up to PIPELINE_PAGES pages have their requests queued on the pool (`--concurrency`
+requests in flight), while this thread, the only database writer, commits the oldest page as soon
+as its requests are done. Pages commit strictly in key order, so the cursor never moves past a row
+whose page has not committed. One more page is read and prepared ahead (recipe texts, tokens,
+hashes) on a "prepare" thread, which also encodes answers as stored text: the Python work runs
+there while the writer's statements run with the GIL released (writer.py).
 
 What the loop uses lives beside it: packing.py (inputs into requests by tokens), stopping.py (the stop
 flag and signals), writer.py (a page's writes, a vector's stored text), targets.py (a table's columns
@@ -31,7 +33,7 @@ from sqlalchemy.engine import Connection, Engine
 from backfill import db, dedupe, jobs, stale, targets, vectors
 from backfill.packing import Item, pack_requests
 from backfill.providers.base import BadInput, FatalProviderError, Provider, ProviderError
-from backfill.stopping import StopFlag
+from backfill.stopping import LIMIT_REACHED, StopFlag
 from backfill.targets import scope, select_columns
 from backfill.writer import encode_vector, record_provenance, write_vectors
 
@@ -137,7 +139,7 @@ class Runner:
             if self.options.limit is not None:
                 size = min(size, self.options.limit - self.queued)
                 if size <= 0:
-                    self.stop.set("limit reached")
+                    self.stop.set(LIMIT_REACHED)
                     return
             query = (sa.select(*select_columns(spec))
                      .where(spec.key > cursor, needing(spec, self.dialect, self.job.dimensions, self.options),
@@ -196,6 +198,8 @@ class Runner:
 
         ahead = prep.submit(step)
         while (staged := ahead.result()) is not None:
+            if self.stop.halts_new_pages:  # read before the stop, never sent: a resume reads it again
+                return
             ahead = prep.submit(step)
             yield staged
 

@@ -21,6 +21,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from backfill import targets
+from backfill.stopping import LIMIT_REACHED
 from backfill.schema import backfill_embeddings as prov
 from backfill.schema import backfill_jobs
 
@@ -165,7 +166,7 @@ def pages(runner: "Runner", spec: targets.Spec, cursor: int) -> Iterator[list[sa
         if opts.limit is not None:
             size = min(size, opts.limit - runner.queued)  # rows handed out, committed or not
             if size <= 0:
-                runner.stop.set("limit reached")
+                runner.stop.set(LIMIT_REACHED)
                 return
         batch: list[sa.Row] = []
         with runner.engine.connect() as conn:

@@ -8,6 +8,9 @@ import threading
 from typing import Any
 
 
+LIMIT_REACHED = "limit reached"
+
+
 class StopFlag:
     """Set by a signal, `--limit`, `--max-runtime` or `cancel`; checked between pages."""
 
@@ -19,6 +22,12 @@ class StopFlag:
         if self.reason is None:
             self.reason = reason
             self.signalled = signalled
+
+    @property
+    def halts_new_pages(self) -> bool:
+        """A page read ahead but not yet sent is dropped: stopped by a signal, the runtime or a cancel.
+        Reaching `--limit` is set when the last page within it has been read; those pages still go."""
+        return self.reason is not None and self.reason != LIMIT_REACHED
 
 
 class signals_stop:
