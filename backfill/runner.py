@@ -23,16 +23,22 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from backfill import db, dedupe, jobs, stale, targets, vectors
 from backfill.packing import Item, pack_requests
-from backfill.providers.base import BadInput, FatalProviderError, Provider, ProviderError
+from backfill.providers.base import (
+    BadInput,
+    FatalProviderError,
+    Provider,
+    ProviderError,
+)
 from backfill.stopping import LIMIT_REACHED, StopFlag
 from backfill.targets import scope, select_columns
 from backfill.writer import encode_vector, record_provenance, write_vectors
@@ -72,7 +78,7 @@ class PageResult:
     requests: int = 0
     copies: dict[int, int] = field(default_factory=dict)  # row -> row with the identical text (dedupe.py)
     tokens_saved: int = 0
-    cross: dict[int, tuple["PageResult", int]] = field(default_factory=dict)  # row -> (earlier page, its row)
+    cross: dict[int, tuple[PageResult, int]] = field(default_factory=dict)  # row -> (earlier page, its row)
     sent_hashes: list[str] = field(default_factory=list)
 
 

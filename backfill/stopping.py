@@ -7,7 +7,6 @@ import signal
 import threading
 from typing import Any
 
-
 LIMIT_REACHED = "limit reached"
 
 
@@ -42,12 +41,12 @@ class signals_stop:
             raise KeyboardInterrupt
         self.flag.set(f"interrupted by {signal.Signals(signum).name}", signalled=True)
 
-    def __enter__(self) -> "signals_stop":
+    def __enter__(self) -> signals_stop:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._old[sig] = signal.signal(sig, self._handle)
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         for sig, old in self._old.items():
             signal.signal(sig, old)

@@ -28,7 +28,7 @@ def test_a_page_is_written_exactly_in_scope_and_in_chunks(backend):
     sample.build(engine, sample.SampleSpec(memories=900, entities=0, dimensions=3))
     migrate.migrate(engine)
     before = _memories(engine)
-    user = sorted({u for u, _e in before.values()})[0]
+    user = min({u for u, _e in before.values()})
     encoded = {rid: f"[{rid},0.5,-{rid}e-3]" for rid in before}  # every row offered, of every user
 
     with engine.begin() as conn:
