@@ -111,13 +111,22 @@ def _describe(diff) -> str:  # noqa: ANN001 - Alembic's diff tuples
     return " ".join(str(part) for part in diff)[:200]
 
 
-def _fts_differences(conn: Connection) -> list[str]:
+# revision 0005 makes these fire only on an UPDATE OF the indexed columns
+NARROWED_FTS_TRIGGERS = ("memories_fts_update", "entities_fts_update")
+
+
+def _fts_differences(conn: Connection, *, baseline_only: bool = False) -> list[str]:
     if conn.dialect.name != "sqlite":
         return []
-    rows = conn.execute(sa.text("SELECT type, name FROM sqlite_master WHERE type IN ('table', 'trigger')")).all()
-    present = {(t, n) for t, n in rows}
+    rows = conn.execute(sa.text("SELECT type, name, sql FROM sqlite_master WHERE type IN ('table', 'trigger')")).all()
+    present = {(t, n) for t, n, _sql in rows}
     out = [f"missing FTS5 table {n}" for n in baseline.FTS_TABLES if ("table", n) not in present]
     out += [f"missing FTS trigger {n}" for n in baseline.FTS_TRIGGERS if ("trigger", n) not in present]
+    if not baseline_only:  # the baseline is the server's wide triggers; head has 0005's
+        sql = {n: " ".join((text or "").split()).upper() for t, n, text in rows if t == "trigger"}
+        out += [f"FTS trigger {n} fires on every UPDATE (the server's own version; revision 0005 replaced it): "
+                "run `alembic downgrade 0004` then `backfill migrate`"
+                for n in NARROWED_FTS_TRIGGERS if n in sql and " AFTER UPDATE OF " not in sql[n]]
     return out
 
 
@@ -164,7 +173,7 @@ def differences(conn: Connection, *, baseline_only: bool = False) -> list[str]:
     out = [_describe(d) for d in diffs]
     if baseline_only:
         out = [d for d in out if not any(own in d for own in OWN_TABLE_NAMES)]
-    out += _fts_differences(conn)
+    out += _fts_differences(conn, baseline_only=baseline_only)
     for extra in _embedding_column_differences(conn):
         if extra not in out:
             out.append(extra)

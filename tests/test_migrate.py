@@ -177,3 +177,26 @@ def test_downgrade_below_0005_restores_the_servers_triggers(tmp_path):
     for name in ("memories_fts_update", "entities_fts_update"):
         original = next(s for s in baseline.FTS if f" {name} " in s)
         assert _trigger_sql(engine, name) == original.replace("IF NOT EXISTS ", "")
+
+
+def test_verify_names_a_server_trigger_put_back_and_its_fix_works(file_backend, cli, tmp_path):
+    """If the server re-creates its own FTS update trigger after 0005, verify says so, and the line's fix works."""
+    assert cli("migrate", "--database-url", file_backend.url).code == 0
+    engine = file_backend.engine()
+    original = next(s for s in baseline.FTS if " memories_fts_update " in s)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("DROP TRIGGER memories_fts_update")
+        conn.exec_driver_sql(original)
+    engine.dispose()
+    drift = cli("verify", "--database-url", file_backend.url, "--log-format", "human")
+    assert drift.code == 1
+    assert "FTS trigger memories_fts_update fires on every UPDATE" in drift.stderr
+    assert "entities_fts_update" not in drift.stderr
+
+    env = {**__import__("os").environ, "DATABASE_URL": file_backend.url}
+    down = subprocess.run([sys.executable, "-m", "alembic", "downgrade", "0004"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert down.returncode == 0, down.stderr
+    assert cli("migrate", "--database-url", file_backend.url).code == 0
+    assert cli("verify", "--database-url", file_backend.url).code == 0
+    assert "AFTER UPDATE OF title, content, tags" in _trigger_sql(file_backend.engine(), "memories_fts_update")
