@@ -193,14 +193,14 @@ class Runner:
         return result, self._items(spec, rows, result)
 
     def _prepared_pages(self, prep: ThreadPoolExecutor, spec: targets.Spec,
-                        cursor: int) -> Iterator[tuple[list[sa.Row], PageResult, list[Item]]]:
+                        cursor: int) -> Iterator[tuple[list[sa.Row], tuple[PageResult, list[Item]]]]:
         """`_pages`, each page read and its items made (recipe, tokens, hashes) on the prepare thread, one
         page ahead: that Python work overlaps the writer's statements, which release the GIL (writer.py)."""
         pages = self._pages(spec, cursor)
 
-        def step() -> tuple[list[sa.Row], PageResult, list[Item]] | None:
+        def step() -> tuple[list[sa.Row], tuple[PageResult, list[Item]]] | None:
             rows = next(pages, None)
-            return None if rows is None else (rows, *self._prepare(spec, rows))
+            return None if rows is None else (rows, self._prepare(spec, rows))
 
         ahead = prep.submit(step)
         while (staged := ahead.result()) is not None:
@@ -414,8 +414,8 @@ class Runner:
         try:
             for spec in targets.specs_for(self.job.target):
                 inflight: deque[tuple[list[sa.Row], PageResult, Future]] = deque()
-                for rows, *prepared in self._prepared_pages(prep, spec, cursors.get(spec.name, 0)):
-                    inflight.append((rows, *self._submit(pool, spec, rows, tuple(prepared))))
+                for rows, prepared in self._prepared_pages(prep, spec, cursors.get(spec.name, 0)):
+                    inflight.append((rows, *self._submit(pool, spec, rows, prepared)))
                     # commit every finished page at the head, and the oldest once the pipeline is full
                     while inflight and (len(inflight) >= PIPELINE_PAGES or self._page_done(inflight[0][2])):
                         self._commit_next(spec, inflight, cursors)
