@@ -33,7 +33,8 @@ from typing import IO, Any, Callable
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from backfill import jobs, packing, report, runner as _runner, stopping, targets, writer
+from backfill import jobs, packing, report, stopping, targets, writer
+from backfill import runner as _runner
 from backfill.batch_api import ENDPOINT, TERMINAL, BatchApi
 from backfill.config import Settings
 from backfill.errors import BackfillError, ConfigError, LeaseHeld
@@ -512,8 +513,7 @@ class BatchRunner:
                     self._heartbeat()
 
     def _heartbeat(self) -> None:
-        with self.engine.begin() as conn:
-            jobs.advance(conn, self.job.id, self.worker)
+        jobs.heartbeat(self.engine, self.job.id, self.worker)
 
     def _elapsed(self) -> dict[str, float]:
         now = time.monotonic() - self.started
@@ -534,11 +534,8 @@ class BatchRunner:
                 return
 
     def _check_stop(self) -> None:
-        if self.options.max_runtime_s is not None and time.monotonic() - self.started >= self.options.max_runtime_s:
-            self.stop.set("max runtime reached")
-        with self.engine.connect() as conn:
-            if jobs.is_cancelled(conn, self.job.id):
-                self.stop.set("cancelled")
+        stopping.check(self.stop, self.engine, self.job.id, started=self.started,
+                       max_runtime_s=self.options.max_runtime_s)
 
 
 def _parse_line(obj: dict[str, Any], expected: int, dimensions: int) -> tuple[list[list[float]] | None, str | None,

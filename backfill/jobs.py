@@ -176,6 +176,13 @@ def advance(conn: Connection, job_id: int, worker: str, *, cursors: dict[str, in
         raise LeaseHeld(f"lost the lease on job {job_id}: another worker took it over; stopping")
 
 
+def heartbeat(engine: sa.Engine, job_id: int, worker: str) -> None:
+    """Extend the lease in a transaction of its own (a locked or dropped database is retried)."""
+    from backfill.db import retrying
+
+    retrying(engine, lambda conn: advance(conn, job_id, worker))
+
+
 def batches(conn: Connection, job_id: int) -> int:
     """The job's batch counter: each committed batch adds exactly one, and only the lease holder commits."""
     return int(conn.execute(sa.select(jobs_t.c.batches).where(jobs_t.c.id == job_id)).scalar() or 0)

@@ -31,7 +31,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from backfill import db, dedupe, jobs, stale, targets, vectors
+from backfill import db, dedupe, jobs, stale, stopping, targets, vectors
 from backfill.packing import Item, pack_requests
 from backfill.providers.base import (
     BadInput,
@@ -334,7 +334,7 @@ class Runner:
 
     # --- record progress ------------------------------------------------------------------
     def _heartbeat(self) -> None:
-        db.retrying(self.engine, lambda conn: jobs.advance(conn, self.job.id, self.worker))
+        jobs.heartbeat(self.engine, self.job.id, self.worker)
 
     def _commit(self, spec: targets.Spec, rows: list[sa.Row], result: PageResult, cursors: dict[str, int] | None,
                 retry: bool) -> None:
@@ -396,10 +396,8 @@ class Runner:
         self.progress.batch(self, spec.name, rows, result, cursor)
 
     def _check_stop(self) -> None:
-        if self.options.max_runtime_s is not None and time.monotonic() - self.started >= self.options.max_runtime_s:
-            self.stop.set("max runtime reached")
-        if db.retrying(self.engine, lambda conn: jobs.is_cancelled(conn, self.job.id), write=False):
-            self.stop.set("cancelled")
+        stopping.check(self.stop, self.engine, self.job.id, started=self.started,
+                       max_runtime_s=self.options.max_runtime_s)
 
     # --- entry points ---------------------------------------------------------------------
     def run(self) -> Outcome:

@@ -5,7 +5,12 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 from typing import Any
+
+from sqlalchemy.engine import Engine
+
+from backfill import db, jobs
 
 LIMIT_REACHED = "limit reached"
 
@@ -27,6 +32,14 @@ class StopFlag:
         """A page read ahead but not yet sent is dropped: stopped by a signal, the runtime or a cancel.
         Reaching `--limit` is set when the last page within it has been read; those pages still go."""
         return self.reason is not None and self.reason != LIMIT_REACHED
+
+
+def check(stop: StopFlag, engine: Engine, job_id: int, *, started: float, max_runtime_s: float | None) -> None:
+    """Between pages (or polls): stop at `--max-runtime`, or when `backfill cancel` marked the job."""
+    if max_runtime_s is not None and time.monotonic() - started >= max_runtime_s:
+        stop.set("max runtime reached")
+    if db.retrying(engine, lambda conn: jobs.is_cancelled(conn, job_id), write=False):
+        stop.set("cancelled")
 
 
 class signals_stop:
