@@ -1,8 +1,14 @@
-"""The mcp-memory-ts schema as it runs in production (its schema version 2), on SQLite/libSQL.
+"""The mcp-memory-ts schema as the server's startup creates it (1.7.5, its schema version 2), on SQLite/libSQL.
 
-Frozen: revision 0001 creates exactly this on an empty SQLite/libSQL database, and `migrate`
-adopts a live database only when its tables match it. `scripts/sample_db.py` builds legacy
-databases from it the way the server does. Never edit a statement here; add a revision instead.
+Read off a database the server's own code made (tests/fixtures/): `initializeSchema` creates
+`entities` with `contact_info` and without `embedding` (the server's separate script
+`scripts/add-entity-embeddings.ts` adds that column later: `ENTITY_EMBEDDING_SCRIPT`), and no
+`idx_entities_user_created` / `idx_memories_user_updated` (its migration 002 would add them, but its
+runner counts 002 as applied from `schema_version = 2`, so real databases lack them).
+
+Revision 0001 creates exactly this on an empty SQLite/libSQL database; `migrate` adopts a live
+database by what the tool needs (`requirements.py`), not by equality with this. `sample.py` builds
+server-like databases from it. Never edit a statement here; add a revision instead.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ TABLES = [
       description TEXT,
       company TEXT,
       title TEXT,
+      contact_info TEXT,
       email TEXT,
       phone TEXT,
       address TEXT,
@@ -48,8 +55,6 @@ TABLES = [
       updated_at TEXT NOT NULL,
       FOREIGN KEY (user_id) REFERENCES users(id) ON DELETE CASCADE
     )""",
-    # added later by the server with ALTER TABLE, hence the last column
-    "ALTER TABLE entities ADD COLUMN embedding TEXT",
     """CREATE TABLE IF NOT EXISTS memories (
       id INTEGER PRIMARY KEY AUTOINCREMENT,
       user_id TEXT,
@@ -103,12 +108,10 @@ INDEXES = [
     "CREATE INDEX IF NOT EXISTS idx_users_api_key_hash ON users(api_key_hash)",
     "CREATE INDEX IF NOT EXISTS idx_entities_user_type ON entities(user_id, entity_type)",
     "CREATE INDEX IF NOT EXISTS idx_entities_user_importance ON entities(user_id, importance DESC)",
-    "CREATE INDEX IF NOT EXISTS idx_entities_user_created ON entities(user_id, created_at DESC)",
     "CREATE INDEX IF NOT EXISTS idx_memories_user_type ON memories(user_id, memory_type)",
     "CREATE INDEX IF NOT EXISTS idx_memories_user_importance ON memories(user_id, importance DESC)",
     "CREATE INDEX IF NOT EXISTS idx_memories_user_archived ON memories(user_id, is_archived)",
     "CREATE INDEX IF NOT EXISTS idx_memories_created ON memories(created_at DESC)",
-    "CREATE INDEX IF NOT EXISTS idx_memories_user_updated ON memories(user_id, updated_at DESC)",
     "CREATE INDEX IF NOT EXISTS idx_interactions_user_date ON interactions(user_id, DATE(created_at))",
     "CREATE INDEX IF NOT EXISTS idx_usage_user_provider_date ON api_usage_tracking(user_id, api_provider, date)",
 ]
@@ -150,6 +153,10 @@ FTS = [
       VALUES (new.id, new.name, new.description, new.notes, new.tags);
     END""",
 ]
+
+# the server's `scripts/add-entity-embeddings.ts`: without it `createEntity` fails, so every database
+# holding entities has run it; revision 0006 runs it where it has not been run
+ENTITY_EMBEDDING_SCRIPT = "ALTER TABLE entities ADD COLUMN embedding TEXT"
 
 FTS_TABLES = ("memories_fts", "entities_fts")
 FTS_TRIGGERS = (

@@ -89,14 +89,23 @@ def _execute(log_format: str, settings_factory: Callable[[], Settings], body: Ca
 
 
 @app.command()
-def migrate(database_url: DatabaseUrl = None, log_format: LogFormat = "auto") -> None:
+def migrate(
+    database_url: DatabaseUrl = None,
+    create: Annotated[bool, typer.Option(
+        "--create", help="Create the mcp-memory-ts schema in a new file or an empty database "
+        "(without it, a missing file or an empty database is refused).")] = False,
+    log_format: LogFormat = "auto",
+) -> None:
     """Bring the schema to head (`alembic upgrade head`), adopting a live mcp-memory-ts database.
+
+    Adopts any database the server made that has the columns backfill reads and writes; the server's
+    other tables, columns and indexes are left alone. All of it in one transaction.
 
     Example: backfill migrate --database-url ./memory.db
     """
     from backfill import commands
 
-    _execute(log_format, lambda: load_settings(database_url), commands.migrate)
+    _execute(log_format, lambda: load_settings(database_url), lambda s: commands.migrate(s, create=create))
 
 
 @app.command()

@@ -151,7 +151,7 @@ def engine_for(target: Target, *, must_exist: bool = True) -> Engine:
         if must_exist and not target.path.exists():
             raise ConfigError(
                 f"database file not found: {target.path}; check --database-url, "
-                "or run `backfill migrate` to create a new database there"
+                "or run `backfill migrate --create` to create a new database there"
             )
         if not target.path.parent.exists():
             raise ConfigError(f"folder does not exist: {target.path.parent}; create it or fix --database-url")

@@ -57,3 +57,7 @@ class Interrupted(BackfillError):
     """Stopped by a signal after committing what finished; resumable."""
 
     exit_code = EXIT_INTERRUPTED
+
+
+class EmptyDatabase(ConfigError):
+    """`migrate`/`up` on a database with no tables, without `--create`: nothing is created unasked."""

@@ -1,16 +1,22 @@
-"""migrate, adopt, verify: Alembic's API, in-process, on our own connection.
+"""migrate, adopt, verify: Alembic's API, in-process, on our own connection, in one transaction.
 
-- An empty database gets every revision.
-- A live mcp-memory-ts database (data tables present, no `alembic_version`) is *adopted*: its
-  tables are compared with the baseline (revision 0001); if they match it is stamped 0001 and
-  upgraded; if not, nothing is written and the differences are listed (exit 1).
-- `verify` compares the live schema with the migrations' metadata (Alembic's comparison), checks
-  the revision is head and, on SQLite/libSQL, that the FTS5 tables and triggers exist.
+- An empty database gets every revision, only when asked (`create=True`: `backfill migrate --create`).
+- A live mcp-memory-ts database (the server's tables present, no `alembic_version`) is *adopted* when
+  it has what the tool reads and writes (adoption.py), whatever else the server and its scripts put
+  there: stamped 0001 and upgraded. Otherwise nothing is written and each missing or incompatible
+  column is named (exit 1). A database holding other tables only is not the server's: refused.
+- Every upgrade (stamp included) runs in one real transaction, also on SQLite and libSQL, whose
+  drivers would otherwise commit each DDL statement on its own: killed at any statement, the
+  database is left as it was before `migrate`.
+- `verify` checks what the tool owns and needs: the revision, the needed columns, its own tables
+  (Alembic's comparison) and, on SQLite/libSQL, the FTS5 triggers it keeps correct (fts.py).
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,11 +28,9 @@ from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Connection, Engine
 
-from backfill import baseline
-from backfill.errors import SchemaDrift
-from backfill.schema import DATA_TABLE_NAMES, EXPRESSION_INDEXES, OWN_TABLE_NAMES, metadata
-
-_SHADOW_SUFFIXES = ("_data", "_idx", "_content", "_docsize", "_config")
+from backfill import adoption, baseline, fts
+from backfill.errors import EmptyDatabase, SchemaDrift
+from backfill.schema import OWN_TABLE_NAMES, metadata
 
 
 def script_location() -> str:
@@ -56,31 +60,11 @@ def current_revision(conn: Connection) -> str | None:
     return MigrationContext.configure(conn).get_current_revision()
 
 
-def _is_shadow(name: str) -> bool:
-    if name.startswith(("sqlite_", "libsql_", "_litestream")):
-        return True
-    return any(name == f"{fts}{suffix}" for fts in baseline.FTS_TABLES for suffix in _SHADOW_SUFFIXES)
-
-
 def include_object(obj, name, type_, reflected, compare_to):  # noqa: ANN001 - Alembic's hook signature
-    """Compare only what the migrations own; ignore FTS5/libSQL shadow tables and foreign tables."""
-    if type_ == "index" and name in EXPRESSION_INDEXES:
-        return False
-    if type_ == "column" and reflected and compare_to is None and isinstance(obj.type, sa.types.NullType):
-        return False  # an added column of a type SQLAlchemy cannot read: libSQL's F32_BLOB (vectors.py)
+    """Compare only the tool's own tables: the data tables are the server's (adoption.py checks them)."""
     if type_ == "table":
-        if name is None or _is_shadow(name) or name in baseline.FTS_TABLES:
-            return False
-        # a table neither we nor the baseline know (e.g. an old `learned_patterns`) is not ours to judge
-        if reflected and compare_to is None and name not in DATA_TABLE_NAMES | OWN_TABLE_NAMES:
-            return False
+        return name in OWN_TABLE_NAMES
     return True
-
-
-def _baseline_only(obj, name, type_, reflected, compare_to):  # noqa: ANN001
-    if type_ == "table" and name in OWN_TABLE_NAMES:
-        return False
-    return include_object(obj, name, type_, reflected, compare_to)
 
 
 def _describe(diff) -> str:  # noqa: ANN001 - Alembic's diff tuples
@@ -100,51 +84,15 @@ def _describe(diff) -> str:  # noqa: ANN001 - Alembic's diff tuples
     if kind == "remove_index":
         return f"unexpected index {diff[1].name} on {diff[1].table.name}"
     if kind in ("add_constraint", "add_fk"):
-        return f"missing constraint on {diff[1].table.name}: {diff[1]!r}"[:200]
+        return f"missing constraint on {diff[1].table.name}"
     if kind in ("remove_constraint", "remove_fk"):
-        return f"unexpected constraint on {diff[1].table.name}: {diff[1]!r}"[:200]
+        return f"unexpected constraint on {diff[1].table.name}"
     if kind == "modify_type":
         return f"column {diff[2]}.{diff[3]} has type {diff[5]}, expected {diff[6]}"
     if kind == "modify_nullable":
         expected = "NULL" if diff[6] else "NOT NULL"
         return f"column {diff[2]}.{diff[3]} nullability differs, expected {expected}"
-    return " ".join(str(part) for part in diff)[:200]
-
-
-# revision 0005 makes these fire only on an UPDATE OF the indexed columns
-NARROWED_FTS_TRIGGERS = ("memories_fts_update", "entities_fts_update")
-
-
-def _fts_differences(conn: Connection, *, baseline_only: bool = False) -> list[str]:
-    if conn.dialect.name != "sqlite":
-        return []
-    rows = conn.execute(sa.text("SELECT type, name, sql FROM sqlite_master WHERE type IN ('table', 'trigger')")).all()
-    present = {(t, n) for t, n, _sql in rows}
-    out = [f"missing FTS5 table {n}" for n in baseline.FTS_TABLES if ("table", n) not in present]
-    out += [f"missing FTS trigger {n}" for n in baseline.FTS_TRIGGERS if ("trigger", n) not in present]
-    if not baseline_only:  # the baseline is the server's wide triggers; head has 0005's
-        sql = {n: " ".join((text or "").split()).upper() for t, n, text in rows if t == "trigger"}
-        out += [f"FTS trigger {n} fires on every UPDATE (the server's own version; revision 0005 replaced it): "
-                "run `alembic downgrade 0004` then `backfill migrate`"
-                for n in NARROWED_FTS_TRIGGERS if n in sql and " AFTER UPDATE OF " not in sql[n]]
-    return out
-
-
-def _embedding_column_differences(conn: Connection) -> list[str]:
-    inspector = sa.inspect(conn)
-    out = []
-    for table in ("memories", "entities"):
-        if not inspector.has_table(table):
-            continue
-        with warnings.catch_warnings():  # a native F32_BLOB(n) column (vectors.py) reflects as NullType
-            warnings.simplefilter("ignore", sa.exc.SAWarning)
-            cols = {c["name"]: c for c in inspector.get_columns(table)}
-        col = cols.get("embedding")
-        if col is None:
-            out.append(f"missing column {table}.embedding")
-        elif not isinstance(col["type"], (sa.Text, sa.String)):
-            out.append(f"column {table}.embedding has type {col['type']}, expected TEXT (a JSON array)")
-    return out
+    return f"{kind} on {diff[2] if len(diff) > 2 else '?'}"
 
 
 def _pk_nullability(diff) -> bool:  # noqa: ANN001
@@ -157,65 +105,128 @@ def _pk_nullability(diff) -> bool:  # noqa: ANN001
     return False
 
 
-def differences(conn: Connection, *, baseline_only: bool = False) -> list[str]:
-    """Every way the live schema differs from the migrations' metadata, one line each."""
-    ctx = MigrationContext.configure(
-        conn,
-        opts={
-            "include_object": _baseline_only if baseline_only else include_object,
-            "compare_type": True,
-        },
-    )
+def _own_table_differences(conn: Connection) -> list[str]:
+    ctx = MigrationContext.configure(conn, opts={"include_object": include_object, "compare_type": True})
     with warnings.catch_warnings():
-        # SQLite cannot reflect expression indexes; Alembic skips them on both sides and says so
         warnings.simplefilter("ignore")
         diffs = [d for d in compare_metadata(ctx, metadata) if not _pk_nullability(d)]
-    out = [_describe(d) for d in diffs]
-    if baseline_only:
-        out = [d for d in out if not any(own in d for own in OWN_TABLE_NAMES)]
-    out += _fts_differences(conn, baseline_only=baseline_only)
-    for extra in _embedding_column_differences(conn):
-        if extra not in out:
-            out.append(extra)
-    return sorted(set(out), key=out.index)
+    return [f"{_describe(d)}: run `backfill migrate`" if d and "missing" in _describe(d) else _describe(d)
+            for d in diffs]
+
+
+def _triggers(conn: Connection) -> tuple[set[str], dict[str, str]]:
+    rows = conn.execute(sa.text("SELECT type, name, sql FROM sqlite_master WHERE type IN ('table', 'trigger')")).all()
+    return {n for t, n, _s in rows if t == "table"}, {n: s or "" for t, n, s in rows if t == "trigger"}
+
+
+def fts_differences(conn: Connection, *, at_head: bool) -> list[str]:
+    """The server's FTS5 tables need their three triggers each; at head, update and delete are ours."""
+    if conn.dialect.name != "sqlite":
+        return []
+    tables, triggers = _triggers(conn)
+    out = []
+    for table, fts_table, _columns in fts.TABLES:
+        if fts_table not in tables:
+            continue  # no full-text index on this database: nothing of it to keep correct
+        for kind in ("insert", "update", "delete"):
+            name = f"{table}_fts_{kind}"
+            if name not in triggers:
+                out.append(f"missing FTS trigger {name}: {fts_table} no longer follows {table}; "
+                           "run `backfill migrate` to restore it")
+            elif at_head and kind != "insert" and not fts.is_ours(kind, triggers[name]):
+                what = "fires on every UPDATE and keeps the old words" if kind == "update" else "keeps deleted words"
+                out.append(f"FTS trigger {name} is the server's own version again ({what}): "
+                           "run `backfill migrate` to put the corrected one back")
+    return out
+
+
+def _repair_fts_triggers(conn: Connection) -> list[str]:
+    """At head: re-create any FTS trigger that is missing or the server's version again."""
+    tables, triggers = _triggers(conn)
+    repaired = []
+    for table, fts_table, columns in fts.TABLES:
+        if fts_table not in tables:
+            continue
+        wanted = {"update": fts.update_trigger(table, fts_table, columns),
+                  "delete": fts.delete_trigger(table, fts_table, columns),
+                  "insert": next(s for s in baseline.FTS if f" {table}_fts_insert " in s)}
+        for kind, sql in wanted.items():
+            name = f"{table}_fts_{kind}"
+            if name in triggers and (kind == "insert" or fts.is_ours(kind, triggers[name])):
+                continue
+            conn.exec_driver_sql(f"DROP TRIGGER IF EXISTS {name}")
+            conn.exec_driver_sql(sql)
+            repaired.append(name)
+    return repaired
 
 
 @dataclass
 class MigrateResult:
-    action: str  # created | adopted | upgraded | at-head
+    action: str  # created | adopted | upgraded | at-head | repaired
     from_revision: str | None
     to_revision: str
     notes: list[str] = field(default_factory=list)
 
 
-def migrate(engine: Engine) -> MigrateResult:
-    head = head_revision()
+@contextmanager
+def one_transaction(engine: Engine) -> Iterator[Connection]:
+    """A connection inside one real transaction, DDL included, committed at the end or rolled back.
+
+    SQLite's DDL is transactional, but Python's sqlite3 and libSQL's driver open a transaction only
+    before INSERT/UPDATE/DELETE, so each CREATE, DROP or ALTER ran on its own and committed at once.
+    An explicit BEGIN (IMMEDIATE: take the write lock now, not halfway) keeps them all in one."""
     with engine.connect() as conn:
+        if conn.dialect.name == "sqlite":
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.rollback()
+            raise
+        conn.commit()
+
+
+def _refuse_unless_adoptable(conn: Connection, tables: list[str], *, create: bool) -> str:
+    """'created' for an empty database (when asked), 'adopted' for the server's; else a typed refusal."""
+    if not tables:
+        if not create:
+            raise EmptyDatabase(
+                "the database is empty (no tables): nothing was changed. To create the mcp-memory-ts schema "
+                "in it, run `backfill migrate --create`; to work on your server's database, fix --database-url"
+            )
+        return "created"
+    server = sorted(set(tables) & adoption.SERVER_TABLES)
+    if not server:
+        shown = ", ".join(tables[:8]) + (f" and {len(tables) - 8} more" if len(tables) > 8 else "")
+        raise SchemaDrift(
+            "not an mcp-memory-ts database: nothing was changed",
+            details=[f"it holds {shown}, and none of {', '.join(sorted(adoption.SERVER_TABLES))}",
+                     "point --database-url at the server's database (its DATABASE_URL or TURSO_URL)"],
+        )
+    problems = adoption.problems(conn)
+    if problems:
+        raise SchemaDrift("this database lacks what backfill reads and writes; nothing was changed",
+                          details=problems)
+    return "adopted"
+
+
+def migrate(engine: Engine, *, create: bool = False) -> MigrateResult:
+    """Bring the database to head in one transaction; adopt the server's database; create only if asked."""
+    head = head_revision()
+    with one_transaction(engine) as conn:
         current = current_revision(conn)
-        tables = set(sa.inspect(conn).get_table_names())
-        conn.rollback()
         if current == head:
-            return MigrateResult("at-head", current, head)
+            repaired = _repair_fts_triggers(conn) if conn.dialect.name == "sqlite" else []
+            return MigrateResult("repaired" if repaired else "at-head", current, head, notes=repaired)
         action = "upgraded"
         if current is None:
-            present = tables & DATA_TABLE_NAMES
-            if present:
-                diffs = differences(conn, baseline_only=True)
-                conn.rollback()
-                if diffs:
-                    raise SchemaDrift(
-                        "live schema differs from the mcp-memory-ts baseline; nothing was changed",
-                        details=diffs,
-                    )
-                action = "adopted"
-            else:
-                action = "created"
-    with engine.begin() as conn:
+            action = _refuse_unless_adoptable(conn, adoption.user_tables(conn), create=create)
         cfg = alembic_config(conn)
         if action == "adopted":
             command.stamp(cfg, "0001")
         command.upgrade(cfg, "head")
-    return MigrateResult(action, current, head)
+        notes = _repair_fts_triggers(conn) if conn.dialect.name == "sqlite" else []
+    return MigrateResult(action, current, head, notes=notes)
 
 
 @dataclass
@@ -230,11 +241,16 @@ class VerifyResult:
 
 
 def verify(engine: Engine) -> VerifyResult:
+    """What the tool owns and needs; objects the server adds (tables, columns, indexes) are not drift."""
     head = head_revision()
     with engine.connect() as conn:
         current = current_revision(conn)
-        diffs = differences(conn)
+        diffs = []
+        if current != head:
+            diffs.append(f"revision is {current or 'none (never migrated)'}, head is {head}: run `backfill migrate`")
+        diffs += adoption.problems(conn, allow_added=current != head)
+        if current is not None:
+            diffs += _own_table_differences(conn)
+        diffs += fts_differences(conn, at_head=current == head)
         conn.rollback()
-    if current != head:
-        diffs.insert(0, f"revision is {current or 'none (never migrated)'}, head is {head}: run `backfill migrate`")
-    return VerifyResult(current, head, diffs)
+    return VerifyResult(current, head, list(dict.fromkeys(diffs)))

@@ -86,14 +86,14 @@ def _text(rng: random.Random, i: int, spec: SampleSpec) -> str:
 def create_legacy_schema(engine: Engine) -> None:
     """The server's own DDL on SQLite/libSQL; the same tables (no FTS5) on PostgreSQL."""
     with engine.begin() as conn:
-        if conn.dialect.name == "sqlite":
-            for statement in baseline.sqlite_statements():
+        if conn.dialect.name == "sqlite":  # the server's startup, then its add-entity-embeddings script
+            for statement in [*baseline.sqlite_statements(), baseline.ENTITY_EMBEDDING_SCRIPT]:
                 conn.exec_driver_sql(statement)
         else:
             data = [metadata.tables[name] for name in baseline.DATA_TABLES]
             metadata.create_all(conn, tables=data)
         now = datetime(2025, 1, 1, tzinfo=timezone.utc).isoformat()
-        conn.execute(sa.text("INSERT INTO schema_version (version, applied_at) VALUES (1, :t), (2, :t)"), {"t": now})
+        conn.execute(sa.text("INSERT INTO schema_version (version, applied_at) VALUES (2, :t)"), {"t": now})
 
 
 def fill(engine: Engine, spec: SampleSpec) -> None:

@@ -80,8 +80,16 @@ def user_id_for(conn: Connection, email: str) -> str:
     return found
 
 
+def _has_embedding_column(conn: Connection, spec: Spec) -> bool:
+    return any(c["name"] == spec.embedding.name for c in sa.inspect(conn).get_columns(spec.name))
+
+
 def table_stats(conn: Connection, spec: Spec, user_id: str | None = None, with_stale: bool = True) -> TableStats:
     dialect = conn.dialect.name
+    if not _has_embedding_column(conn, spec):  # the server's startup alone: revision 0006 adds the column
+        q = sa.select(sa.func.count()).select_from(spec.table)
+        total = int(conn.execute(q.where(*([spec.user_id == user_id] if user_id is not None else []))).scalar_one())
+        return TableStats(spec.name, total, 0, total, 0, 0.0 if total else 100.0)
     col = spec.embedding
     is_missing = missing(col)
     is_valid = sa.and_(sa.not_(is_missing), valid_vector(col, dialect))
@@ -97,6 +105,8 @@ def table_stats(conn: Connection, spec: Spec, user_id: str | None = None, with_s
     total, good, miss = int(total), int(good), int(miss)
     coverage = round(100.0 * good / total, 2) if total else 100.0
     found = stale.count(conn, spec, stale.reference_for(conn, spec.name), user_id) if with_stale else stale.StaleCounts()
+    if not stale.has_provenance(conn):  # never migrated: every vector there is of unknown origin
+        found.unknown = good
     return TableStats(spec.name, total, good, miss, total - good - miss, coverage, found.total, found.unknown,
                       found.stale, unaddressable=int(keyless))
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from alembic import context
 
-from backfill.migrate import include_object
+from backfill.migrate import include_object, one_transaction
 from backfill.schema import metadata
 
 config = context.config
@@ -31,9 +31,8 @@ def _standalone() -> None:
     settings = load_settings(x_args.get("database_url"))
     target = resolve(settings.database_url, settings.auth_token)
     engine = engine_for(target, must_exist=False)
-    with engine.connect() as connection:
+    with one_transaction(engine) as connection:  # all of it or nothing, also on SQLite and libSQL
         _run(connection)
-        connection.commit()
 
 
 if context.is_offline_mode():

@@ -27,12 +27,14 @@ def require_tables(engine: Engine) -> None:
         raise ConfigError("backfill's tables are missing: run `backfill migrate` (or `backfill up`) first")
 
 
-def migrate(settings: Settings) -> int:
-    target, engine = open_database(settings, must_exist=False)
+def migrate(settings: Settings, *, create: bool = False) -> int:
+    """`create`: a missing file or an empty database gets the schema; otherwise both are refused (exit 2)."""
+    target, engine = open_database(settings, must_exist=not create)
     with locks.schema_lock(target, engine):  # concurrent `up`s migrate one after the other
-        result = migrations.migrate(engine)
+        result = migrations.migrate(engine, create=create)
     messages = {
         "at-head": f"schema already at head ({result.to_revision}); nothing to do",
+        "repaired": f"schema at head ({result.to_revision}); put back FTS trigger(s) {', '.join(result.notes)}",
         "created": f"created the schema at {result.to_revision} in {target.display}",
         "adopted": f"adopted the existing mcp-memory-ts database (stamped 0001) and upgraded to {result.to_revision}",
         "upgraded": f"upgraded {result.from_revision} -> {result.to_revision}",

@@ -1,7 +1,8 @@
 """mcp-memory-ts baseline (server schema version 2)
 
-On SQLite/libSQL this runs the server's own DDL (backfill/baseline.py, frozen), FTS5 included.
-On PostgreSQL it creates the same tables and indexes, without FTS5.
+On SQLite/libSQL this runs the server's own startup DDL (backfill/baseline.py), FTS5 included:
+`entities` has `contact_info` and no `embedding` (revision 0006 adds it, as the server's script does).
+On PostgreSQL it creates the tables the tool reads and writes, without FTS5.
 A live database that already has these tables is adopted (`backfill migrate` stamps this
 revision after checking the tables), never recreated.
 
@@ -30,10 +31,9 @@ def upgrade() -> None:
     else:
         _create_portable()
     now = datetime.now(timezone.utc).isoformat()
-    for version in range(1, baseline.SCHEMA_VERSION + 1):
-        op.execute(
-            sa.text("INSERT INTO schema_version (version, applied_at) VALUES (:v, :t)").bindparams(v=version, t=now)
-        )
+    # the server's startup records its one version (its migration runner reads the highest)
+    op.execute(sa.text("INSERT INTO schema_version (version, applied_at) VALUES (:v, :t)")
+               .bindparams(v=baseline.SCHEMA_VERSION, t=now))
 
 
 def _create_portable() -> None:

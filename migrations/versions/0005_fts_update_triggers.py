@@ -20,44 +20,35 @@ SQLite/libSQL only; PostgreSQL has no FTS5 tables. Downgrade restores the server
 """
 from alembic import op
 
-from backfill import baseline
+from backfill import baseline, fts
 
 revision = "0005"
 down_revision = "0004"
 branch_labels = None
 depends_on = None
 
-# (trigger, table, its FTS5 table, the indexed columns) as of this revision
-TRIGGERS = (
-    ("memories_fts_update", "memories", "memories_fts", ("title", "content", "tags")),
-    ("entities_fts_update", "entities", "entities_fts", ("name", "description", "notes", "tags")),
-)
 
-
-def _narrow(trigger: str, table: str, fts: str, columns: tuple[str, ...]) -> str:
-    cols = ", ".join(columns)
-    old = ", ".join(f"old.{c}" for c in columns)
-    new = ", ".join(f"new.{c}" for c in columns)
-    return (
-        f"CREATE TRIGGER {trigger} AFTER UPDATE OF {cols} ON {table} BEGIN\n"
-        f"      INSERT INTO {fts}({fts}, rowid, {cols}) VALUES ('delete', old.id, {old});\n"
-        f"      INSERT INTO {fts}(rowid, {cols}) VALUES (new.id, {new});\n"
-        "    END"
-    )
+def _has(kind: str, name: str) -> bool:
+    row = op.get_bind().exec_driver_sql(f"SELECT 1 FROM sqlite_master WHERE type = '{kind}' AND name = '{name}'")
+    return row.first() is not None
 
 
 def upgrade() -> None:
     if op.get_bind().dialect.name != "sqlite":
         return
-    for trigger, table, fts, columns in TRIGGERS:
-        op.execute(f"DROP TRIGGER IF EXISTS {trigger}")
-        op.execute(_narrow(trigger, table, fts, columns))
+    for table, fts_table, columns in fts.TABLES:
+        if not _has("table", fts_table):  # a database without the server's FTS: no trigger to fix
+            continue
+        op.execute(f"DROP TRIGGER IF EXISTS {table}_fts_update")
+        op.execute(fts.update_trigger(table, fts_table, columns))
 
 
 def downgrade() -> None:
     if op.get_bind().dialect.name != "sqlite":
         return
-    originals = {trigger: next(s for s in baseline.FTS if f" {trigger} " in s) for trigger, *_ in TRIGGERS}
-    for trigger, *_ in TRIGGERS:
+    for table, fts_table, _columns in fts.TABLES:
+        if not _has("table", fts_table):
+            continue
+        trigger = f"{table}_fts_update"
         op.execute(f"DROP TRIGGER IF EXISTS {trigger}")
-        op.execute(originals[trigger])
+        op.execute(next(s for s in baseline.FTS if f" {trigger} " in s))
