@@ -110,8 +110,31 @@ def _own_table_differences(conn: Connection) -> list[str]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         diffs = [d for d in compare_metadata(ctx, metadata) if not _pk_nullability(d)]
-    return [f"{_describe(d)}: run `backfill migrate`" if d and "missing" in _describe(d) else _describe(d)
-            for d in diffs]
+    out = []
+    for d in diffs:
+        text = _describe(d)
+        repairable = text.startswith(("missing table", "missing index"))  # `migrate` re-creates these
+        out.append(f"{text}: run `backfill migrate`" if repairable else
+                   f"{text} (backfill's own table was altered by hand: restore it)")
+    return out
+
+
+def _repair_own_objects(conn: Connection) -> list[str]:
+    """At head: re-create any of the tool's own tables or indexes that went missing."""
+    own = [t for t in metadata.sorted_tables if t.name in OWN_TABLE_NAMES]
+    inspector = sa.inspect(conn)
+    present = set(inspector.get_table_names())
+    repaired = [t.name for t in own if t.name not in present]
+    metadata.create_all(conn, tables=own, checkfirst=True)
+    for table in own:
+        if table.name in repaired:
+            continue
+        have = {i["name"] for i in inspector.get_indexes(table.name)}
+        for index in table.indexes:
+            if index.name not in have:
+                index.create(conn)
+                repaired.append(str(index.name))
+    return repaired
 
 
 def _triggers(conn: Connection) -> tuple[set[str], dict[str, str]]:
@@ -216,7 +239,8 @@ def migrate(engine: Engine, *, create: bool = False) -> MigrateResult:
     with one_transaction(engine) as conn:
         current = current_revision(conn)
         if current == head:
-            repaired = _repair_fts_triggers(conn) if conn.dialect.name == "sqlite" else []
+            repaired = _repair_own_objects(conn)
+            repaired += _repair_fts_triggers(conn) if conn.dialect.name == "sqlite" else []
             return MigrateResult("repaired" if repaired else "at-head", current, head, notes=repaired)
         action = "upgraded"
         if current is None:

@@ -34,7 +34,7 @@ def migrate(settings: Settings, *, create: bool = False) -> int:
         result = migrations.migrate(engine, create=create)
     messages = {
         "at-head": f"schema already at head ({result.to_revision}); nothing to do",
-        "repaired": f"schema at head ({result.to_revision}); put back FTS trigger(s) {', '.join(result.notes)}",
+        "repaired": f"schema at head ({result.to_revision}); put back {', '.join(result.notes)}",
         "created": f"created the schema at {result.to_revision} in {target.display}",
         "adopted": f"adopted the existing mcp-memory-ts database (stamped 0001) and upgraded to {result.to_revision}",
         "upgraded": f"upgraded {result.from_revision} -> {result.to_revision}",
