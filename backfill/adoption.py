@@ -106,8 +106,8 @@ def problems(conn: Connection, *, allow_added: bool = True) -> list[str]:
             if col is None:
                 if allow_added and (table, name) in ADDED_BY_MIGRATE:
                     continue
-                out.append(f"missing column {table}.{name}: backfill reads it; restore it (or rename the column "
-                           f"that holds it back to {name}) and run `backfill migrate` again")
+                out.append(f"missing column {table}.{name}: backfill reads it; restore it, or rename the column "
+                           f"that holds it back to {name}")
             elif not _compatible(kind, col.declared, dialect):
                 hint = (" (a native vector column: keep embedding as JSON text and use --vector-column for a "
                         "native copy)" if name == "embedding" and "BLOB" in col.declared.upper() else "")
