@@ -269,6 +269,21 @@ def _discard_broken_connections(engine: Engine) -> None:
             ctx.invalidate_pool_on_disconnect = False
 
 
+def lock_for_write(conn: Connection) -> None:
+    """Take the write lock at the start of the caller's transaction, for the commit alone: everything else
+    is prepared before. On the SQLite family that is `BEGIN IMMEDIATE` (a deferred transaction that reads
+    before it writes can deadlock with another writer, and holds its read lock meanwhile); where the driver
+    has begun a transaction already, a write that changes nothing takes the lock. PostgreSQL locks rows
+    as they are read FOR UPDATE (writer.current): nothing to do here."""
+    if conn.dialect.name != "sqlite":
+        return
+    raw = conn.connection.driver_connection
+    if getattr(raw, "in_transaction", True):
+        conn.exec_driver_sql("UPDATE backfill_jobs SET id = id WHERE 0 = 1")
+    else:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
 T = TypeVar("T")
 
 RETRY_BUDGET_S = 45.0  # longer than a server takes to expire a stream left holding the write lock (sqld: ~10 s)

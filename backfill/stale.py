@@ -72,7 +72,7 @@ def _scan_query(spec: targets.Spec, dialect: str, after: int, limit: int, user_i
     needs = targets.needs_embedding(spec, dialect, dimensions)
     q = (
         sa.select(
-            *[spec.key, *(spec.table.c[name] for name in spec.text_columns)],
+            *targets.select_columns(spec),
             sa.case((needs, 1), else_=0).label("_needs"),
             prov.c.model.label("_p_model"), prov.c.dimensions.label("_p_dims"),
             prov.c.recipe_version.label("_p_recipe"), prov.c.content_hash.label("_p_hash"),
@@ -199,7 +199,7 @@ def adopt(engine: Engine, spec: targets.Spec, *, provider: str, model: str, dime
     adopted, after = 0, 0
     while True:
         with engine.begin() as conn:
-            q = (sa.select(spec.key, *(spec.table.c[n] for n in spec.text_columns))
+            q = (sa.select(*targets.select_columns(spec))
                  .select_from(spec.table.outerjoin(prov, sa.and_(prov.c.target == spec.name,
                                                                  prov.c.row_id == spec.key)))
                  .where(spec.key > after, prov.c.row_id.is_(None), sa.not_(targets.missing(spec.embedding)),
