@@ -236,8 +236,15 @@ _TRANSIENT = re.compile(
     r"connection closed before message completed|stream not found|baton is invalid|stream expired|"
     r"http error|connection (?:refused|reset|closed|aborted)|broken pipe|server closed the connection|"
     r"terminating connection|could not receive data|ssl syscall error|deadlock detected|"
-    r"could not serialize access|timed out|timeout expired"
+    r"could not serialize access|timed out|timeout expired|"
+    # PostgreSQL starting up, shutting down or restarting (SQLSTATE 57P01-57P03), and the link it dropped
+    r"the database system is (?:starting up|shutting down|in recovery|not yet accepting connections)|"
+    r"terminating connection due to (?:administrator command|crash of another server process)|"
+    r"server closed the connection unexpectedly|no connection to the server|consuming input failed|"
+    r"server conn crashed"
 )
+# SQLSTATEs of a PostgreSQL server going away or coming back: admin_shutdown, crash_shutdown, cannot_connect_now
+_PG_RESTARTING = frozenset({"57P01", "57P02", "57P03"})
 _BROKEN = re.compile(
     r"(?i)connection closed before message completed|stream not found|baton is invalid|stream expired|"
     r"http error|connection (?:refused|reset|closed|aborted)|broken pipe"
@@ -254,6 +261,8 @@ def is_transient(exc: BaseException) -> bool:
         return True
     if not isinstance(exc, (sa.exc.DBAPIError, ValueError, OSError)):  # libSQL raises plain ValueError
         return False
+    if getattr(getattr(exc, "orig", None), "sqlstate", None) in _PG_RESTARTING:
+        return True
     return bool(_TRANSIENT.search(_text(exc)))
 
 

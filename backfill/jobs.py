@@ -203,6 +203,19 @@ def finish(conn: Connection, job_id: int, worker: str, status: str, reason: str 
     conn.execute(jobs_t.update().where(jobs_t.c.id == job_id, jobs_t.c.worker_id == worker).values(**values))
 
 
+def release(engine: sa.Engine, job_id: int, worker: str, status: str, reason: str | None = None) -> None:
+    """On any exit of a worker holding the lease: record how the job ended and free the lease, so a worker
+    elsewhere need not wait for it to expire. A locked or restarting database is retried (db.retrying); if the
+    pool's connections are the trouble (one left inside a failed transaction), a fresh pool is tried once."""
+    from backfill.db import retrying
+
+    try:
+        retrying(engine, lambda conn: finish(conn, job_id, worker, status, reason))
+    except Exception:
+        engine.dispose()
+        retrying(engine, lambda conn: finish(conn, job_id, worker, status, reason), budget_s=10.0)
+
+
 def cancel(conn: Connection, job_id: int) -> Job:
     job = get(conn, job_id)
     if job.status not in OPEN_STATUSES:
