@@ -35,6 +35,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from backfill import db, jobs, packing, report, stopping, targets, writer
 from backfill import runner as _runner
+from backfill import vectors as _vectors
 from backfill.batch_api import ENDPOINT, TERMINAL, BatchApi
 from backfill.config import Settings
 from backfill.errors import BackfillError, ConfigError, LeaseHeld
@@ -483,6 +484,8 @@ class BatchRunner:
         vectors = {rid: result.vectors[rid] for rid in fresh}
         writer.write_vectors(conn, spec, self.options.user_id,
                               {rid: writer.encode_vector(vec) for rid, vec in vectors.items()})
+        for mirror in _vectors.configured(conn, spec, self.job.dimensions):  # a native column never goes stale
+            mirror.apply(conn, spec, fresh)
         stamp = jobs.now_iso()
         writer.record_provenance(conn, [
             {"target": spec.name, "row_id": rid, "provider": self.provider.name, "model": self.provider.model,

@@ -238,7 +238,7 @@ _TRANSIENT = re.compile(
     r"terminating connection|could not receive data|ssl syscall error|deadlock detected|"
     r"could not serialize access|timed out|timeout expired|"
     # PostgreSQL starting up, shutting down or restarting (SQLSTATE 57P01-57P03), and the link it dropped
-    r"the database system is (?:starting up|shutting down|in recovery|not yet accepting connections)|"
+    r"the database system is (?:starting up|shutting down|in recovery|not (?:yet )?accepting connections)|"
     r"terminating connection due to (?:administrator command|crash of another server process)|"
     r"server closed the connection unexpectedly|no connection to the server|consuming input failed|"
     r"server conn crashed"

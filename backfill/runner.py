@@ -141,6 +141,7 @@ class Runner:
         self._in_flight_texts: dict[str, tuple[PageResult, int]] = {}  # text hash -> (uncommitted page, row)
         self._cpu: ThreadPoolExecutor | None = None  # the prepare thread, while run() is on
         self._batches: int | None = None  # the job's batch counter as of our last commit (jobs.batch_landed)
+        self._mirror_cache: dict[str, list[vectors.Mirror]] = {}
 
     # --- enumerate ------------------------------------------------------------------------
     def _pages(self, spec: targets.Spec, cursor: int) -> Iterator[list[sa.Row]]:
@@ -380,8 +381,8 @@ class Runner:
             jobs.advance(conn, self.job.id, self.worker, cursors=cursors, **deltas)
             if fresh:
                 write_vectors(conn, spec, self.options.user_id, {rid: encoded[rid] for rid in fresh})
-                if self.options.vector_column:
-                    vectors.write(conn, spec, self.options.vector_column, fresh)
+                for mirror in self._mirrors(conn, spec):  # native columns kept in step, flag or not (vectors.py)
+                    mirror.apply(conn, spec, fresh)
                 self._provenance(conn, spec, result, stamp, fresh)
             jobs.upsert_failures(conn, self.job.id, [*problems, *jobs.notices(spec.name, changed, gone)])
             if retry:
@@ -392,6 +393,11 @@ class Runner:
         db.retrying(self.engine, _write, landed=jobs.batch_landed(self.job.id, self._batches))
         self._batches += 1
         self.job_elapsed_committed = elapsed
+
+    def _mirrors(self, conn: Connection, spec: targets.Spec) -> list[vectors.Mirror]:
+        if spec.name not in self._mirror_cache:
+            self._mirror_cache[spec.name] = vectors.configured(conn, spec, self.job.dimensions, self.options.vector_column)
+        return self._mirror_cache[spec.name]
 
     def _provenance(self, conn: Connection, spec: targets.Spec, result: PageResult, stamp: str,
                     written: list[int]) -> None:
