@@ -93,3 +93,23 @@ def test_the_same_file_gets_the_same_texts_vectors_and_hashes_on_both_drivers(tm
                          sorted(conn.execute(sa.text("SELECT row_id, content_hash FROM backfill_embeddings")).all()))
     assert got["sqlite"] == got["libsql"]
     assert any("beforeafter" in t for t in got["libsql"][0]) and ids["nul"] in dict(got["libsql"][2])
+
+
+def test_text_that_is_not_utf8_never_panics_libsqls_driver(tmp_path, cli):
+    """Alone (no BLOB row before it): the libSQL driver used to panic on this row, exit 70 after waiting 45 s on
+    "database is locked", and leave the job running under a dead worker's lease."""
+    be = make_backend("libsql", tmp_path)
+    engine = be.engine()
+    build(engine, memories=10, entities=0, seed=6)
+    with engine.begin() as conn:
+        conn.execute(sa.text("UPDATE memories SET embedding = NULL"))
+        conn.execute(sa.text("UPDATE memories SET content = CAST(X'4142EDA08043' AS TEXT) WHERE id = 3"))
+    engine.dispose()
+    with FakeOpenAI() as server:
+        result = cli("up", *RUN_ARGS, "--target", "memories", env=env_for(server, be.url), timeout=120)
+    assert result.code == 0, result.output[-3000:]
+    with be.engine().connect() as conn:
+        job = conn.execute(sa.text("SELECT status, worker_id, embedded FROM backfill_jobs")).mappings().one()
+        content = conn.execute(sa.text("SELECT CAST(content AS BLOB) FROM memories WHERE id = 3")).scalar()
+    assert (job["status"], job["worker_id"], job["embedded"]) == ("done", None, 10)
+    assert content == b"AB\xed\xa0\x80C"  # the row itself is left as it was
