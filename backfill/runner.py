@@ -172,12 +172,10 @@ class Runner:
         for start in range(0, len(ids), self.options.page_size):
             if self.stop.reason:
                 return
-            chunk = ids[start:start + self.options.page_size]
-            with self.engine.connect() as conn:
-                rows = conn.execute(
-                    sa.select(*select_columns(spec)).where(spec.key.in_(chunk), *scope(spec, self.options.user_id))
-                    .order_by(spec.key)
-                ).all()
+            query = (sa.select(*select_columns(spec))
+                     .where(spec.key.in_(ids[start:start + self.options.page_size]), *scope(spec, self.options.user_id))
+                     .order_by(spec.key))
+            rows = db.retrying(self.engine, lambda conn, q=query: conn.execute(q).all(), write=False)
             if rows:
                 yield rows
 

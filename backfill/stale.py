@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from backfill import targets
+from backfill import db, targets
 from backfill.stopping import LIMIT_REACHED
 from backfill.schema import backfill_embeddings as prov
 from backfill.schema import backfill_jobs
@@ -168,17 +168,19 @@ def pages(runner: "Runner", spec: targets.Spec, cursor: int) -> Iterator[list[sa
             if size <= 0:
                 runner.stop.set(LIMIT_REACHED)
                 return
-        batch: list[sa.Row] = []
-        with runner.engine.connect() as conn:
+
+        def collect(conn: Connection, size: int = size, cursor: int = cursor) -> list[sa.Row]:
+            batch: list[sa.Row] = []
             for rows in scan(conn, spec, after=cursor, user_id=opts.user_id, dimensions=runner.job.dimensions,
                              page=max(size, SCAN_PAGE)):
                 for row in rows:
                     if wanted(spec, row, ref):
                         batch.append(row)
                         if len(batch) >= size:
-                            break
-                if len(batch) >= size:
-                    break
+                            return batch
+            return batch
+
+        batch = db.retrying(runner.engine, collect, write=False)  # a restarting database is waited out
         if not batch:
             return
         runner.queued += len(batch)
