@@ -33,8 +33,9 @@ from typing import IO, Any, Callable
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from backfill import jobs, packing, report, stopping, targets, writer
+from backfill import db, jobs, packing, report, stopping, targets, writer
 from backfill import runner as _runner
+from backfill import vectors as _vectors
 from backfill.batch_api import ENDPOINT, TERMINAL, BatchApi
 from backfill.config import Settings
 from backfill.errors import BackfillError, ConfigError, LeaseHeld
@@ -420,6 +421,7 @@ class BatchRunner:
         results: dict[str, _runner.PageResult] = {}
         hashes: dict[str, dict[int, str]] = {}
         with self.engine.begin() as conn:
+            db.lock_for_write(conn)
             chunks = {ch["custom_id"]: ch for ch in conn.execute(
                 sa.select(chunks_t).where(chunks_t.c.batch_id == b["id"], chunks_t.c.state == "planned",
                                           chunks_t.c.custom_id.in_([str(o.get("custom_id")) for o in objs]))
@@ -446,13 +448,14 @@ class BatchRunner:
             for target, result in results.items():
                 spec = targets.SPECS[target]
                 if result.vectors:
-                    self._write_vectors(conn, spec, result.vectors, hashes[target])
+                    self._write_vectors(conn, spec, result, hashes[target])
                 jobs.upsert_failures(conn, self.job.id, [
-                    {"target": target, "row_id": rid, "kind": "failed", "error": err[:1000]}
-                    for rid, err in result.failures.items()])
+                    *({"target": target, "row_id": rid, "kind": "failed", "error": err[:1000]}
+                      for rid, err in result.failures.items()),
+                    *jobs.notices(target, result.changed, result.gone)])
             tokens = sum(r.tokens for r in results.values())
             cost = tokens * self.provider.price_per_mtok * PRICE_FACTOR / 1_000_000
-            jobs.advance(conn, self.job.id, self.worker, embedded=sum(len(r.vectors) for r in results.values()),
+            jobs.advance(conn, self.job.id, self.worker, embedded=sum(len(r.written) for r in results.values()),
                          failed=sum(len(r.failures) for r in results.values()), batches=1 if results else 0,
                          requests=sum(r.requests for r in results.values()), tokens=tokens, cost_usd=cost,
                          **self._elapsed())
@@ -460,16 +463,29 @@ class BatchRunner:
         o.batches += 1 if results else 0
         o.cost_usd += cost
         for target, result in results.items():
-            o.embedded += len(result.vectors)
+            o.embedded += len(result.written)
+            o.changed += len(result.changed)
+            o.gone += len(result.gone)
             o.failed += len(result.failures)
             o.tokens += result.tokens
             o.failed_ids.extend((target, rid) for rid in result.failures)
             self.progress.batch(self, target, list(result.vectors) + list(result.failures), result, None)
 
-    def _write_vectors(self, conn: Connection, spec: targets.Spec, vectors: dict[int, list[float]],
+    def _write_vectors(self, conn: Connection, spec: targets.Spec, result: _runner.PageResult,
                        hashes: dict[int, str]) -> None:
+        """Compare-and-set as the sync path (writer.current): rows edited or deleted since their text was
+        uploaded keep what the server wrote; `result` records written, changed and gone rows."""
+        still_needs = None if (self.options.reembed_all or self.options.reembed_stale) else \
+            targets.needs_embedding(spec, self.dialect, self.job.dimensions)
+        fresh, result.changed, result.gone = writer.current(
+            conn, spec, self.options.user_id, {rid: hashes[rid] for rid in result.vectors},
+            recipe=self.options.recipe, still_needs=still_needs)
+        result.written = fresh
+        vectors = {rid: result.vectors[rid] for rid in fresh}
         writer.write_vectors(conn, spec, self.options.user_id,
                               {rid: writer.encode_vector(vec) for rid, vec in vectors.items()})
+        for mirror in _vectors.configured(conn, spec, self.job.dimensions):  # a native column never goes stale
+            mirror.apply(conn, spec, fresh)
         stamp = jobs.now_iso()
         writer.record_provenance(conn, [
             {"target": spec.name, "row_id": rid, "provider": self.provider.name, "model": self.provider.model,

@@ -236,8 +236,15 @@ _TRANSIENT = re.compile(
     r"connection closed before message completed|stream not found|baton is invalid|stream expired|"
     r"http error|connection (?:refused|reset|closed|aborted)|broken pipe|server closed the connection|"
     r"terminating connection|could not receive data|ssl syscall error|deadlock detected|"
-    r"could not serialize access|timed out|timeout expired"
+    r"could not serialize access|timed out|timeout expired|"
+    # PostgreSQL starting up, shutting down or restarting (SQLSTATE 57P01-57P03), and the link it dropped
+    r"the database system is (?:starting up|shutting down|in recovery|not (?:yet )?accepting connections)|"
+    r"terminating connection due to (?:administrator command|crash of another server process)|"
+    r"server closed the connection unexpectedly|no connection to the server|consuming input failed|"
+    r"server conn crashed"
 )
+# SQLSTATEs of a PostgreSQL server going away or coming back: admin_shutdown, crash_shutdown, cannot_connect_now
+_PG_RESTARTING = frozenset({"57P01", "57P02", "57P03"})
 _BROKEN = re.compile(
     r"(?i)connection closed before message completed|stream not found|baton is invalid|stream expired|"
     r"http error|connection (?:refused|reset|closed|aborted)|broken pipe"
@@ -254,6 +261,8 @@ def is_transient(exc: BaseException) -> bool:
         return True
     if not isinstance(exc, (sa.exc.DBAPIError, ValueError, OSError)):  # libSQL raises plain ValueError
         return False
+    if getattr(getattr(exc, "orig", None), "sqlstate", None) in _PG_RESTARTING:
+        return True
     return bool(_TRANSIENT.search(_text(exc)))
 
 
@@ -267,6 +276,21 @@ def _discard_broken_connections(engine: Engine) -> None:
         if not ctx.is_disconnect and _BROKEN.search(_text(ctx.original_exception)):
             ctx.is_disconnect = True
             ctx.invalidate_pool_on_disconnect = False
+
+
+def lock_for_write(conn: Connection) -> None:
+    """Take the write lock at the start of the caller's transaction, for the commit alone: everything else
+    is prepared before. On the SQLite family that is `BEGIN IMMEDIATE` (a deferred transaction that reads
+    before it writes can deadlock with another writer, and holds its read lock meanwhile); where the driver
+    has begun a transaction already, a write that changes nothing takes the lock. PostgreSQL locks rows
+    as they are read FOR UPDATE (writer.current): nothing to do here."""
+    if conn.dialect.name != "sqlite":
+        return
+    raw = conn.connection.driver_connection
+    if getattr(raw, "in_transaction", True):
+        conn.exec_driver_sql("UPDATE backfill_jobs SET id = id WHERE 0 = 1")
+    else:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 T = TypeVar("T")

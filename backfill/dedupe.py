@@ -50,7 +50,7 @@ def known_vectors(engine: Engine, spec: targets.Spec, hashes: Sequence[str], *, 
     # the (target, model) index and scans every provenance row per page, O(rows^2) over a job.
     q = (
         sa.select(prov.c.content_hash, prov.c.model, prov.c.dimensions, prov.c.recipe_version, spec.embedding,
-                  *(spec.table.c[n] for n in spec.text_columns))
+                  *targets.text_columns(spec))
         .select_from(prov.join(spec.table, spec.key == prov.c.row_id))
         .where(prov.c.target == spec.name, prov.c.content_hash.in_(sorted(set(hashes))))
     )

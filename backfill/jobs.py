@@ -203,6 +203,19 @@ def finish(conn: Connection, job_id: int, worker: str, status: str, reason: str 
     conn.execute(jobs_t.update().where(jobs_t.c.id == job_id, jobs_t.c.worker_id == worker).values(**values))
 
 
+def release(engine: sa.Engine, job_id: int, worker: str, status: str, reason: str | None = None) -> None:
+    """On any exit of a worker holding the lease: record how the job ended and free the lease, so a worker
+    elsewhere need not wait for it to expire. A locked or restarting database is retried (db.retrying); if the
+    pool's connections are the trouble (one left inside a failed transaction), a fresh pool is tried once."""
+    from backfill.db import retrying
+
+    try:
+        retrying(engine, lambda conn: finish(conn, job_id, worker, status, reason))
+    except Exception:
+        engine.dispose()
+        retrying(engine, lambda conn: finish(conn, job_id, worker, status, reason), budget_s=10.0)
+
+
 def cancel(conn: Connection, job_id: int) -> Job:
     job = get(conn, job_id)
     if job.status not in OPEN_STATUSES:
@@ -229,10 +242,30 @@ def upsert_failures(conn: Connection, job_id: int, rows: list[dict[str, Any]]) -
     stmt = stmt.on_conflict_do_update(
         index_elements=[failures_t.c.job_id, failures_t.c.target, failures_t.c.row_id],
         set_={"error": stmt.excluded.error, "kind": stmt.excluded.kind, "attempts": failures_t.c.attempts + 1,
-              "resolved": sa.false(), "updated_at": stmt.excluded.updated_at},
+              "resolved": stmt.excluded.resolved, "updated_at": stmt.excluded.updated_at},
     )
     conn.execute(stmt, [{"job_id": job_id, "created_at": stamp, "updated_at": stamp, "attempts": 1,
                          "resolved": False, **r} for r in rows])
+
+
+NOTICE_KINDS = ("changed", "gone")  # rows left alone by compare-and-set: recorded, never retried
+
+
+def notices(target: str, changed: list[int], gone: list[int]) -> list[dict[str, Any]]:
+    """Failure-table rows (resolved: nothing to retry) for rows the server edited or deleted while their page
+    was in flight: the job's `changed` and `gone` counts are these rows, so a repeated page counts once."""
+    why = {"changed": "left alone: the row changed while its page was embedded (its new text is embedded by a "
+                      "later run)",
+           "gone": "left alone: the row was deleted while its page was embedded"}
+    return [{"target": target, "row_id": rid, "kind": kind, "error": why[kind], "resolved": True}
+            for kind, ids in (("changed", changed), ("gone", gone)) for rid in ids]
+
+
+def notice_counts(conn: Connection, job_id: int) -> dict[str, int]:
+    """{"changed": n, "gone": m} for the job."""
+    got = dict(conn.execute(sa.select(failures_t.c.kind, sa.func.count()).where(
+        failures_t.c.job_id == job_id, failures_t.c.kind.in_(NOTICE_KINDS)).group_by(failures_t.c.kind)).all())
+    return {kind: int(got.get(kind, 0)) for kind in NOTICE_KINDS}
 
 
 def resolve_failures(conn: Connection, job_id: int, target: str, row_ids: list[int]) -> None:

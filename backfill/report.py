@@ -148,10 +148,12 @@ class Progress:
         o = runner.outcome
         event(
             "batch_committed", job=self.job_id, target=target, batch=o.batches, rows=len(rows),
-            embedded=len(result.vectors), failed=len(result.failures), skipped=len(result.skipped),
+            embedded=len(getattr(result, "written", result.vectors)), failed=len(result.failures),
+            skipped=len(result.skipped), changed=len(getattr(result, "changed", ())), gone=len(getattr(result, "gone", ())),
             tokens=result.tokens, elapsed_ms=round(elapsed * 1000), rate=round(rate, 2),
             eta_s=None if eta is None else round(eta, 1), cursor=cursor,
-            totals={"selected": o.selected, "embedded": o.embedded, "failed": o.failed, "skipped": o.skipped},
+            totals={"selected": o.selected, "embedded": o.embedded, "failed": o.failed, "skipped": o.skipped,
+                    "changed": getattr(o, "changed", 0), "gone": getattr(o, "gone", 0)},
         )
         if self._bar is not None:
             if self.total and self.done > self.total:

@@ -41,7 +41,7 @@ from backfill.providers.base import (
 )
 from backfill.stopping import LIMIT_REACHED, StopFlag
 from backfill.targets import scope, select_columns
-from backfill.writer import encode_vector, record_provenance, write_vectors
+from backfill.writer import current, encode_vector, record_provenance, write_vectors
 
 PIPELINE_PAGES = 3  # pages selected and queued ahead of the one being committed
 GIL_SWITCH_S = 0.001  # while a job runs (CPython's default is 0.005)
@@ -80,6 +80,11 @@ class PageResult:
     tokens_saved: int = 0
     cross: dict[int, tuple[PageResult, int]] = field(default_factory=dict)  # row -> (earlier page, its row)
     sent_hashes: list[str] = field(default_factory=list)
+    # set by the commit (writer.current): rows whose vector was written, and rows left alone because the
+    # server changed or deleted them while their page was in flight
+    written: list[int] = field(default_factory=list)
+    changed: list[int] = field(default_factory=list)
+    gone: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -96,6 +101,8 @@ class Outcome:
     cost_usd: float = 0.0
     elapsed_s: float = 0.0
     tokens_saved: int = 0
+    changed: int = 0
+    gone: int = 0
     failed_ids: list[tuple[str, int]] = field(default_factory=list)
 
 
@@ -134,6 +141,7 @@ class Runner:
         self._in_flight_texts: dict[str, tuple[PageResult, int]] = {}  # text hash -> (uncommitted page, row)
         self._cpu: ThreadPoolExecutor | None = None  # the prepare thread, while run() is on
         self._batches: int | None = None  # the job's batch counter as of our last commit (jobs.batch_landed)
+        self._mirror_cache: dict[str, list[vectors.Mirror]] = {}
 
     # --- enumerate ------------------------------------------------------------------------
     def _pages(self, spec: targets.Spec, cursor: int) -> Iterator[list[sa.Row]]:
@@ -164,12 +172,10 @@ class Runner:
         for start in range(0, len(ids), self.options.page_size):
             if self.stop.reason:
                 return
-            chunk = ids[start:start + self.options.page_size]
-            with self.engine.connect() as conn:
-                rows = conn.execute(
-                    sa.select(*select_columns(spec)).where(spec.key.in_(chunk), *scope(spec, self.options.user_id))
-                    .order_by(spec.key)
-                ).all()
+            query = (sa.select(*select_columns(spec))
+                     .where(spec.key.in_(ids[start:start + self.options.page_size]), *scope(spec, self.options.user_id))
+                     .order_by(spec.key))
+            rows = db.retrying(self.engine, lambda conn, q=query: conn.execute(q).all(), write=False)
             if rows:
                 yield rows
 
@@ -178,8 +184,12 @@ class Runner:
         items = []
         for row in rows:
             mapping = row._mapping
-            text = targets.recipe_text(spec, mapping, self.options.recipe)
             row_id = int(mapping["id"])
+            why = targets.unreadable(spec, mapping)
+            if why is not None:
+                result.failures[row_id] = why
+                continue
+            text = targets.recipe_text(spec, mapping, self.options.recipe)
             if not text:
                 result.skipped[row_id] = "blank text: nothing to embed"
                 continue
@@ -338,45 +348,62 @@ class Runner:
 
     def _commit(self, spec: targets.Spec, rows: list[sa.Row], result: PageResult, cursors: dict[str, int] | None,
                 retry: bool) -> None:
+        """Everything is prepared first (stored texts, failure rows); the transaction then takes the write lock,
+        checks each row is still the one embedded (writer.current), writes, and commits: the lock is held for
+        those statements alone, so the server's own writes beside a job wait milliseconds, not a page."""
         elapsed = time.monotonic() - self.started
         cost = result.tokens * self.provider.price_per_mtok / 1_000_000
         stamp = jobs.now_iso()
+        encoded = {rid: result.encoded.get(rid) or encode_vector(vec) for rid, vec in result.vectors.items()}
+        hashes = {rid: result.hashes[rid] for rid in encoded}
+        still_needs = None if (self.options.reembed_all or self.options.reembed_stale) else \
+            targets.needs_embedding(spec, self.dialect, self.job.dimensions)
+        problems = [
+            *({"target": spec.name, "row_id": rid, "kind": "failed", "error": err[:1000]}
+              for rid, err in result.failures.items()),
+            *({"target": spec.name, "row_id": rid, "kind": "skipped", "error": why}
+              for rid, why in result.skipped.items()),
+        ]
 
         def _write(conn: Connection) -> None:  # one transaction; retried whole on a locked/dropped database
+            db.lock_for_write(conn)
+            fresh, changed, gone = current(conn, spec, self.options.user_id, hashes, recipe=self.options.recipe,
+                                           still_needs=still_needs) if hashes else ([], [], [])
             deltas: dict[str, float] = dict(
-                embedded=len(result.vectors), batches=1, requests=result.requests, tokens=result.tokens,
+                embedded=len(fresh), batches=1, requests=result.requests, tokens=result.tokens,
                 cost_usd=cost, elapsed_s=elapsed - self.job_elapsed_committed, tokens_saved=result.tokens_saved)
-            if retry:
-                deltas["failed"] = -len(result.vectors)  # recorded failures that now succeeded
+            if retry:  # recorded failures that now succeeded, or whose row changed or went meanwhile
+                deltas["failed"] = -(len(fresh) + len(changed) + len(gone))
             else:
                 deltas.update(selected=len(rows), failed=len(result.failures), skipped=len(result.skipped))
             jobs.advance(conn, self.job.id, self.worker, cursors=cursors, **deltas)
-            if result.vectors:
-                write_vectors(conn, spec, self.options.user_id,
-                              {rid: result.encoded.get(rid) or encode_vector(vec) for rid, vec in result.vectors.items()})
-                if self.options.vector_column:
-                    vectors.write(conn, spec, self.options.vector_column, list(result.vectors))
-                self._provenance(conn, spec, result, stamp)
-            jobs.upsert_failures(conn, self.job.id, [
-                *({"target": spec.name, "row_id": rid, "kind": "failed", "error": err[:1000]}
-                  for rid, err in result.failures.items()),
-                *({"target": spec.name, "row_id": rid, "kind": "skipped", "error": why}
-                  for rid, why in result.skipped.items()),
-            ])
+            if fresh:
+                write_vectors(conn, spec, self.options.user_id, {rid: encoded[rid] for rid in fresh})
+                for mirror in self._mirrors(conn, spec):  # native columns kept in step, flag or not (vectors.py)
+                    mirror.apply(conn, spec, fresh)
+                self._provenance(conn, spec, result, stamp, fresh)
+            jobs.upsert_failures(conn, self.job.id, [*problems, *jobs.notices(spec.name, changed, gone)])
             if retry:
-                jobs.resolve_failures(conn, self.job.id, spec.name, list(result.vectors))
+                jobs.resolve_failures(conn, self.job.id, spec.name, fresh)
+            result.written, result.changed, result.gone = fresh, changed, gone
         if self._batches is None:
             self._batches = db.retrying(self.engine, lambda conn: jobs.batches(conn, self.job.id), write=False)
         db.retrying(self.engine, _write, landed=jobs.batch_landed(self.job.id, self._batches))
         self._batches += 1
         self.job_elapsed_committed = elapsed
 
-    def _provenance(self, conn: Connection, spec: targets.Spec, result: PageResult, stamp: str) -> None:
+    def _mirrors(self, conn: Connection, spec: targets.Spec) -> list[vectors.Mirror]:
+        if spec.name not in self._mirror_cache:
+            self._mirror_cache[spec.name] = vectors.configured(conn, spec, self.job.dimensions, self.options.vector_column)
+        return self._mirror_cache[spec.name]
+
+    def _provenance(self, conn: Connection, spec: targets.Spec, result: PageResult, stamp: str,
+                    written: list[int]) -> None:
         record_provenance(conn, [
             {"target": spec.name, "row_id": rid, "provider": self.provider.name, "model": self.provider.model,
              "dimensions": self.provider.dimensions, "recipe_version": self.options.recipe,
              "content_hash": result.hashes[rid], "job_id": self.job.id, "embedded_at": stamp}
-            for rid in result.vectors
+            for rid in written
         ])
 
     def _account(self, spec: targets.Spec, rows: list[sa.Row], result: PageResult, cursor: int | None) -> None:
@@ -386,8 +413,10 @@ class Runner:
             o.skipped += len(result.skipped)
             o.failed += len(result.failures)
         else:
-            o.failed -= len(result.vectors)
-        o.embedded += len(result.vectors)
+            o.failed -= len(result.written) + len(result.changed) + len(result.gone)
+        o.embedded += len(result.written)
+        o.changed += len(result.changed)
+        o.gone += len(result.gone)
         o.batches += 1
         o.tokens += result.tokens
         o.tokens_saved += result.tokens_saved

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from backfill import targets
+from backfill import db, targets
 from backfill.stopping import LIMIT_REACHED
 from backfill.schema import backfill_embeddings as prov
 from backfill.schema import backfill_jobs
@@ -72,7 +72,7 @@ def _scan_query(spec: targets.Spec, dialect: str, after: int, limit: int, user_i
     needs = targets.needs_embedding(spec, dialect, dimensions)
     q = (
         sa.select(
-            *[spec.key, *(spec.table.c[name] for name in spec.text_columns)],
+            *targets.select_columns(spec),
             sa.case((needs, 1), else_=0).label("_needs"),
             prov.c.model.label("_p_model"), prov.c.dimensions.label("_p_dims"),
             prov.c.recipe_version.label("_p_recipe"), prov.c.content_hash.label("_p_hash"),
@@ -168,17 +168,19 @@ def pages(runner: "Runner", spec: targets.Spec, cursor: int) -> Iterator[list[sa
             if size <= 0:
                 runner.stop.set(LIMIT_REACHED)
                 return
-        batch: list[sa.Row] = []
-        with runner.engine.connect() as conn:
+
+        def collect(conn: Connection, size: int = size, cursor: int = cursor) -> list[sa.Row]:
+            batch: list[sa.Row] = []
             for rows in scan(conn, spec, after=cursor, user_id=opts.user_id, dimensions=runner.job.dimensions,
                              page=max(size, SCAN_PAGE)):
                 for row in rows:
                     if wanted(spec, row, ref):
                         batch.append(row)
                         if len(batch) >= size:
-                            break
-                if len(batch) >= size:
-                    break
+                            return batch
+            return batch
+
+        batch = db.retrying(runner.engine, collect, write=False)  # a restarting database is waited out
         if not batch:
             return
         runner.queued += len(batch)
@@ -199,7 +201,7 @@ def adopt(engine: Engine, spec: targets.Spec, *, provider: str, model: str, dime
     adopted, after = 0, 0
     while True:
         with engine.begin() as conn:
-            q = (sa.select(spec.key, *(spec.table.c[n] for n in spec.text_columns))
+            q = (sa.select(*targets.select_columns(spec))
                  .select_from(spec.table.outerjoin(prov, sa.and_(prov.c.target == spec.name,
                                                                  prov.c.row_id == spec.key)))
                  .where(spec.key > after, prov.c.row_id.is_(None), sa.not_(targets.missing(spec.embedding)),

@@ -21,7 +21,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.elements import ColumnElement
+from sqlalchemy.sql.functions import FunctionElement
 
 from backfill.schema import entities, memories
 
@@ -124,8 +126,85 @@ def specs_for(target: str) -> list[Spec]:
     return list(SPECS.values()) if target == "all" else [SPECS[target]]
 
 
-def select_columns(spec: Spec) -> list[sa.Column]:
-    return [spec.key, *(spec.table.c[name] for name in spec.text_columns)]
+# --- reading a row's text: one text per row whatever the URL, and no value that can stop a job -------------
+#
+# On the SQLite family a "TEXT" column holds whatever it was given: bytes that are not UTF-8 (libSQL's driver
+# panics decoding them), a NUL inside the text (libSQL's driver cuts there, the stdlib's does not), a BLOB or a
+# number. Text columns are therefore read as `CAST(col AS BLOB)`, the stored bytes whole, and decoded here,
+# undecodable bytes as lone surrogates that every recipe removes (what the stdlib driver's lenient reading
+# did before); a BLOB value is named in `_blobs`, and the runner records that row as a failure with its reason.
+# PostgreSQL's text is valid UTF-8 without NUL by construction: its columns are read as they are.
+
+BLOBS = "_blobs"
+
+
+class _LenientText(FunctionElement):
+    """A text column read as its stored bytes on the SQLite family, as itself elsewhere."""
+
+    type = sa.types.NullType()
+    name = "lenient_text"
+    inherit_cache = True
+
+
+@compiles(_LenientText)
+def _lenient_plain(element: _LenientText, compiler: Any, **kw: Any) -> str:
+    return compiler.process(element.clauses, **kw)
+
+
+@compiles(_LenientText, "sqlite")
+def _lenient_sqlite(element: _LenientText, compiler: Any, **kw: Any) -> str:
+    return f"CAST({compiler.process(element.clauses, **kw)} AS BLOB)"
+
+
+class _BlobColumns(FunctionElement):
+    """The names of the given columns that hold a BLOB (SQLite family), space-separated; '' elsewhere."""
+
+    type = sa.types.NullType()
+    name = "blob_columns"
+    inherit_cache = True
+
+
+@compiles(_BlobColumns)
+def _blobs_plain(element: _BlobColumns, compiler: Any, **kw: Any) -> str:
+    return "''"
+
+
+@compiles(_BlobColumns, "sqlite")
+def _blobs_sqlite(element: _BlobColumns, compiler: Any, **kw: Any) -> str:
+    parts = []
+    for col in element.clauses:
+        ref = compiler.process(col, **kw)
+        parts.append(f"(CASE WHEN typeof({ref}) = 'blob' THEN '{col.name} ' ELSE '' END)")
+    return "(" + " || ".join(parts) + ")"
+
+
+def text_columns(spec: Spec, table: sa.Table | None = None) -> list[sa.ColumnElement]:
+    """The recipe's columns, each read so that no stored value can fail the read, plus `_blobs`."""
+    t = spec.table if table is None else table
+    cols = [_LenientText(t.c[name]).label(name) for name in spec.text_columns]
+    return [*cols, _BlobColumns(*(t.c[name] for name in spec.text_columns)).label(BLOBS)]
+
+
+def select_columns(spec: Spec) -> list[sa.ColumnElement]:
+    return [spec.key, *text_columns(spec)]
+
+
+def as_text(value: Any) -> str | None:
+    """A stored value as text: bytes decoded (undecodable bytes kept as lone surrogates), numbers as written."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value).decode("utf-8", "surrogateescape")
+    return str(value)
+
+
+def unreadable(spec: Spec, row: Mapping[str, Any]) -> str | None:
+    """Why this row has no text to embed (a BLOB in a text column), or None."""
+    blobs = (row.get(BLOBS) or "").split()
+    if not blobs:
+        return None
+    return (f"{spec.name}.{', '.join(blobs)} holds a BLOB, not text: store the text there (the row is left as it is; "
+            "`backfill retry-failed` takes it again)")
 
 
 def scope(spec: Spec, user_id: str | None) -> list[sa.ColumnElement[bool]]:
@@ -137,6 +216,7 @@ RECIPES = {"mcp-memory-ts/1": _ASCII_KEEP, "unicode/1": _UNICODE_KEEP}
 
 def recipe_text(spec: Spec, row: Mapping[str, Any], recipe: str = DEFAULT_RECIPE) -> str:
     """The text the server would embed for this row (before truncation by tokens)."""
+    row = {**row, **{name: as_text(row.get(name)) for name in spec.text_columns}}
     joined = "\n\n".join(spec.parts(row))
     return _clean(joined, RECIPES[recipe])
 

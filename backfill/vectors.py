@@ -8,10 +8,17 @@ builds `libsql_vector_idx` — after the backfill, because writes into an indexe
 times slower (scripts/vector-index-cost) — and checks that `vector_top_k` finds each probe row's own vector.
 
 Only libSQL has these functions: on SQLite or PostgreSQL the options are refused (exit 2).
+
+The column is remembered: a job started with `--vector-column` records it in its parameters, and every later
+job on that table (`configured`) keeps the column in step with the JSON it writes, with or without the flag,
+so a cron `up --reembed-stale` never leaves an old native vector behind. Through a driver without `vector32`
+(a `sqlite:///` URL on the same file) the cell is set to NULL instead, never left stale, and `index` fills it.
+`index` also refreshes every cell that differs from its row's JSON, and empties cells whose JSON is gone.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 
@@ -88,22 +95,73 @@ def write(conn: Connection, spec: targets.Spec, column: str, row_ids: list[int])
                              [(int(r),) for r in row_ids])
 
 
+def clear(conn: Connection, spec: targets.Spec, column: str, row_ids: list[int]) -> None:
+    """Where the native copy cannot be made (no vector32, other dimensions): NULL, never a stale vector."""
+    if row_ids:
+        conn.exec_driver_sql(f"UPDATE {spec.name} SET {column} = NULL WHERE id = ?", [(int(r),) for r in row_ids])
+
+
+@dataclass(frozen=True)
+class Mirror:
+    """A native column a job keeps in step with the JSON: `native` writes vector32, otherwise NULL."""
+
+    column: str
+    native: bool
+
+    def apply(self, conn: Connection, spec: targets.Spec, row_ids: list[int]) -> None:
+        (write if self.native else clear)(conn, spec, self.column, row_ids)
+
+
+def configured(conn: Connection, spec: targets.Spec, dimensions: int, given: str | None = None) -> list[Mirror]:
+    """The native columns configured for this table (by this job's `--vector-column` or any earlier job's) that
+    exist: each one is written whenever a vector is, by every job."""
+    from backfill.schema import backfill_jobs
+
+    if conn.dialect.name != "sqlite":
+        return []
+    names = {given} if given else set()
+    if sa.inspect(conn).has_table(backfill_jobs.name):
+        for (params,) in conn.execute(sa.select(backfill_jobs.c.params).where(
+                backfill_jobs.c.target.in_([spec.name, "all"]), backfill_jobs.c.params.like('%"vector_column"%'))):
+            try:
+                name = json.loads(params or "{}").get("vector_column")
+            except ValueError:
+                continue
+            if isinstance(name, str) and _NAME.match(name):
+                names.add(name)
+    native_driver = conn.dialect.driver == "libsql"
+    out = []
+    for name in sorted(names):
+        decl = _declared(conn, spec, name)
+        found = _DECL.match(decl) if decl is not None else None
+        if found is not None:
+            out.append(Mirror(name, native_driver and int(found.group(1)) == dimensions))
+    return out
+
+
 def fill(engine: Engine, spec: targets.Spec, column: str, dimensions: int) -> int:
-    """Write the column for rows whose JSON vector has the right size and whose cell is NULL (keyset pages)."""
+    """Bring the column in step with the JSON, in keyset pages: write it where the row's JSON vector has the right
+    size and the cell is NULL or differs from it (the row was re-embedded without the column), and empty it where
+    the JSON is missing or of another size. Returns the cells changed."""
     length = targets.vector_length(spec.embedding, "sqlite")
+    good = sa.and_(sa.not_(targets.missing(spec.embedding)), targets.valid_vector(spec.embedding, "sqlite"),
+                   length == dimensions)
+    ref = f"{spec.name}.{column}"
+    # vector32() only ever sees a good vector (CASE), and a cell equal to it is left alone
+    differs = sa.literal_column(f"{ref} IS NULL OR {ref} != vector32({spec.name}.embedding)", sa.Boolean)
     done, after = 0, 0
     while True:
         with engine.begin() as conn:
-            ids = [int(r[0]) for r in conn.execute(
-                sa.select(spec.key).where(spec.key > after, sa.literal_column(column).is_(None),
-                                          sa.not_(targets.missing(spec.embedding)),
-                                          targets.valid_vector(spec.embedding, "sqlite"), length == dimensions)
-                .order_by(spec.key).limit(PAGE))]
-            if not ids:
+            rows = conn.execute(
+                sa.select(spec.key, sa.case((good, 1), else_=0).label("good"))
+                .where(spec.key > after, sa.case((good, differs), else_=sa.literal_column(f"{ref} IS NOT NULL")))
+                .order_by(spec.key).limit(PAGE)).all()
+            if not rows:
                 return done
-            write(conn, spec, column, ids)
-        done += len(ids)
-        after = ids[-1]
+            write(conn, spec, column, [int(r[0]) for r in rows if r[1]])
+            clear(conn, spec, column, [int(r[0]) for r in rows if not r[1]])
+        done += len(rows)
+        after = int(rows[-1][0])
 
 
 @dataclass

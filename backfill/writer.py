@@ -15,6 +15,12 @@ other either way. On a remote libSQL database the round trips alone make it 12x.
 
 A vector's stored text is `encode_vector`'s compact JSON array (orjson), made by the caller before
 the write, off the writer thread where it can be.
+
+Compare-and-set (`current`): between a page's read and its commit the server may edit or delete its
+rows. Under the write lock, inside the page's transaction, the rows are read again and a vector is
+written only to a row that still exists, still has the recipe text that was embedded (same content
+hash) and, unless the job re-embeds, still needs one. The others are left as they are and reported as
+`changed` or `gone`: the server's concurrent writes always win.
 """
 
 from __future__ import annotations
@@ -24,10 +30,12 @@ from collections.abc import Sequence
 from functools import lru_cache
 from typing import Any
 
+import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from backfill import targets
 
+CHECK_ROWS_PER_STATEMENT = 900  # ids in one compare-and-set read (SQLite before 3.32 allowed 999 parameters)
 UPDATE_ROWS_PER_STATEMENT = 400  # vectors: 3 parameters a row (CASE pair, IN list) and one for the user
 
 PROVENANCE_ROWS_PER_STATEMENT = 1_000  # 9 parameters a row; fewer where the database allows fewer
@@ -115,3 +123,32 @@ def record_provenance(conn: Connection, rows: list[dict[str, Any]]) -> None:
     for start in range(0, len(rows), per):
         chunk = rows[start:start + per]
         conn.exec_driver_sql(_provenance_sql(mark, len(chunk)), tuple(row[c] for row in chunk for c in PROVENANCE_COLUMNS))
+
+
+def current(conn: Connection, spec: targets.Spec, user_id: str | None, hashes: dict[int, str], *, recipe: str,
+            still_needs: sa.ColumnElement[bool] | None) -> tuple[list[int], list[int], list[int]]:
+    """Compare-and-set, in the caller's transaction and under its write lock (db.lock_for_write; on PostgreSQL the
+    rows are locked here, FOR UPDATE): of the rows in `hashes` (row -> content hash of the text embedded), those
+    still holding that text (and still needing a vector when `still_needs` is given), those changed since, and
+    those gone (deleted, or moved out of the user's scope). Returns (fresh, changed, gone), each sorted."""
+    ids = sorted(hashes)
+    fresh: list[int] = []
+    changed: list[int] = []
+    seen: set[int] = set()
+    cols = [spec.key, *targets.text_columns(spec)]
+    if still_needs is not None:
+        cols.append(sa.case((still_needs, 1), else_=0).label("_needs"))
+    for start in range(0, len(ids), CHECK_ROWS_PER_STATEMENT):
+        q = sa.select(*cols).where(spec.key.in_(ids[start:start + CHECK_ROWS_PER_STATEMENT]),
+                                   *targets.scope(spec, user_id))
+        if conn.dialect.name == "postgresql":
+            q = q.with_for_update(of=spec.table)
+        for row in conn.execute(q):
+            m = row._mapping
+            rid = int(m["id"])
+            seen.add(rid)
+            same = (still_needs is None or bool(m["_needs"])) and targets.unreadable(spec, m) is None and \
+                targets.content_hash(targets.recipe_text(spec, m, recipe)) == hashes[rid]
+            (fresh if same else changed).append(rid)
+    gone = [rid for rid in ids if rid not in seen]
+    return sorted(fresh), sorted(changed), gone

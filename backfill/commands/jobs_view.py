@@ -25,6 +25,7 @@ def _job_view(conn: Connection, job: jobs.Job, *, remaining: bool) -> dict:
     row = dict(job.row)
     row["cursors"] = job.cursors
     row["params"] = job.params
+    row.update(jobs.notice_counts(conn, job.id))  # rows left alone by compare-and-set (writer.current)
     rate = row["embedded"] / row["elapsed_s"] if row["elapsed_s"] else None
     row["rate_rows_s"] = None if rate is None else round(rate, 2)
     if remaining and job.status in jobs.OPEN_STATUSES:
@@ -58,7 +59,7 @@ def status(settings: Settings, job_id: int | None) -> int:
                f"{' for ' + view['user_email'] if view['user_email'] else ''}")
     report.say(f"  model      {view['provider']}:{view['model']} ({view['dimensions']} dims, recipe {view['recipe_version']})")
     report.say(f"  rows       selected {view['selected']}  embedded {view['embedded']}  failed {view['failed']}  "
-               f"skipped {view['skipped']}")
+               f"skipped {view['skipped']}  changed {view['changed']}  gone {view['gone']}")
     report.say(f"  cursor     {view['cursors']}")
     report.say(f"  work       {view['batches']} batches, {view['requests']} requests, {view['tokens']:,} tokens, "
                f"${view['cost_usd']:.4f}")

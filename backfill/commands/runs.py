@@ -82,7 +82,7 @@ def _drive(settings: Settings, engine: Engine, job: jobs.Job, provider: Provider
         reason = f"{type(exc).__name__}"
         raise
     finally:
-        db.retrying(engine, lambda conn: jobs.finish(conn, job.id, worker, status, reason))
+        jobs.release(engine, job.id, worker, status, reason)
     with engine.connect() as conn:
         final = jobs.get(conn, job.id)
         cov = coverage.collect(conn, job.user_email, with_stale=False)
