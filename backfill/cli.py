@@ -362,6 +362,19 @@ def sample_db(
              lambda s: commands.sample_db(s, memories=memories, entities=entities, dimensions=dimensions, seed=seed))
 
 
+@app.command()
+def failures(job: JobArg = None, database_url: DatabaseUrl = None, as_json: JsonFlag = False,
+             limit: Annotated[int, typer.Option("--limit", min=0, help="Rows to list (0: all).")] = 50,
+             log_format: LogFormat = "auto") -> None:
+    """The rows a job could not embed: table, id, attempts, reason; then the most common reasons.
+
+    Example: backfill failures 7 --json
+    """
+    from backfill.commands.failures import failures as show
+
+    _execute("json" if as_json else log_format, lambda: load_settings(database_url), lambda s: show(s, job, limit))
+
+
 def _terminate(signum: int, _frame: object) -> None:
     raise KeyboardInterrupt  # SIGTERM before the run loop takes over: clean up and exit 130 like Ctrl-C
 

@@ -159,6 +159,17 @@ class Progress:
             self._bar.update(self._task, completed=self.done, rate=rate, tokens=self.tokens, description=target)
 
 
+def cut(text: str, width: int) -> str:
+    """One line of at most `width` characters."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def reason_lines(reasons: list[dict[str, Any]], width: int = 70) -> list[str]:
+    """`    12 x reason`, one per reason ({reason, count}), each cut to `width` characters."""
+    return [f"{r['count']:>6} x {cut(r['reason'], width)}" for r in reasons]
+
+
 def final_block(outcome: Any, coverage: float | None, total_rows: int | None) -> str:
     """The seed's closing statistics, kept because users know it."""
     line = "=" * 60
@@ -182,6 +193,10 @@ def final_block(outcome: Any, coverage: float | None, total_rows: int | None) ->
         rows += [f"   - {t}:{i}" for t, i in outcome.failed_ids[:10]]
         if len(outcome.failed_ids) > 10:
             rows.append(f"   ... and {len(outcome.failed_ids) - 10} more")
+        reasons = getattr(outcome, "failure_reasons", None)
+        if reasons:
+            rows += ["Top failure reasons:", *reason_lines(reasons, width=60)]
+            rows.append(f"All of them: backfill failures {outcome.job_id}")
         rows.append("Re-run only these with: backfill retry-failed")
     if outcome.status == "interrupted":
         rows.append(f"Resume with: backfill resume {outcome.job_id}")

@@ -30,6 +30,7 @@ from backfill.commands.database import (
     stats,
     verify,
 )
+from backfill.commands.failures import top_reasons
 from backfill.commands.jobs_view import pick_job
 from backfill.commands.request import (
     RunRequest,
@@ -86,6 +87,7 @@ def _drive(settings: Settings, engine: Engine, job: jobs.Job, provider: Provider
     with engine.connect() as conn:
         final = jobs.get(conn, job.id)
         cov = coverage.collect(conn, job.user_email, with_stale=False)
+        outcome.failure_reasons = [{**r, "reason": settings.redact(r["reason"])} for r in top_reasons(conn, job.id)]
     outcome.status, outcome.stop_reason = status, reason
     outcome.failed = int(final.failed)
     if not outcome.failed_ids and outcome.failed:
@@ -99,7 +101,8 @@ def _drive(settings: Settings, engine: Engine, job: jobs.Job, provider: Provider
                  embedded=final.embedded, failed=final.failed, skipped=final.skipped, batches=final.batches,
                  requests=final.requests, tokens=final.tokens, cost_usd=round(final.cost_usd, 6),
                  tokens_saved=final.tokens_saved, unaddressable=outcome.unaddressable,
-                 coverage=round(pct, 2), failed_ids=[f"{t}:{i}" for t, i in outcome.failed_ids[:100]])
+                 coverage=round(pct, 2), failed_ids=[f"{t}:{i}" for t, i in outcome.failed_ids[:100]],
+                 failure_reasons=outcome.failure_reasons)
     report.say(report.final_block(outcome, pct, total_rows))
     if status == "interrupted" and stop.signalled:
         raise Interrupted(f"job {job.id} interrupted; resume with `backfill resume {job.id}`")
