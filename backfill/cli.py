@@ -6,8 +6,9 @@ worker · 130 interrupted (resumable) · 70 internal error (a bug; rerun with --
 
 from __future__ import annotations
 
+import os
 import signal
-
+import sys
 from typing import Annotated, Callable, Optional
 
 import typer
@@ -381,4 +382,13 @@ def _terminate(signum: int, _frame: object) -> None:
 
 def main() -> None:
     signal.signal(signal.SIGTERM, _terminate)
-    app()
+    try:
+        app()
+    except SystemExit as exc:
+        from backfill import stopping
+
+        if stopping.ABORTED.is_set():  # a second Ctrl-C: the job is closed and the summary out; requests
+            sys.stdout.flush()         # still on the wire are not waited for (nothing is written after)
+            sys.stderr.flush()
+            os._exit(exc.code if isinstance(exc.code, int) else 130)
+        raise
