@@ -44,7 +44,7 @@ from backfill.targets import scope, select_columns
 from backfill.writer import encode_vector, record_provenance, write_vectors
 
 PIPELINE_PAGES = 3  # pages selected and queued ahead of the one being committed
-FIRST_PAGE_PER_THREAD = 4  # rows per request thread in a job's first page
+FIRST_PAGE_PER_THREAD = 4  # rows per request thread in a job's first page (a provider fed in chunks)
 GIL_SWITCH_S = 0.001  # while a job runs (CPython's default is 0.005)
 
 
@@ -139,6 +139,7 @@ class Runner:
         self._cpu: ThreadPoolExecutor | None = None  # the prepare thread, while run() is on
         self._batches: int | None = None  # the job's batch counter as of our last commit (jobs.batch_landed)
         self._sent_pages = 0
+        self._chunked = bool(getattr(provider, "chunk_tokens", None))  # fed in chunks: the local model
         self._flight = threading.Lock()  # guards the two counts below against the stop check (rows_in_flight)
         self._embedding_now = 0  # rows in the chunks being embedded at this moment
         self._embedded_live = 0  # vectors received so far in this run (committed or not)
@@ -149,10 +150,11 @@ class Runner:
             yield from stale.pages(self, spec, cursor)
             return
         while not self.stop.reason:
-            # the first page is small, a few inputs per thread: prepared and sent within moments, so the first
-            # vectors arrive (and the bar moves) while the next, full page is prepared
-            size = self.options.page_size if self.queued else min(self.options.page_size, FIRST_PAGE_PER_THREAD
-                                                                   * self.options.concurrency)
+            size = self.options.page_size
+            if not self.queued and self._chunked:
+                # a slow (local) model's first page is small, a few inputs per thread: prepared and sent within
+                # moments, so the first vectors arrive (and the bar moves) while the next, full page is prepared
+                size = min(size, FIRST_PAGE_PER_THREAD * self.options.concurrency)
             if self.options.limit is not None:
                 size = min(size, self.options.limit - self.queued)
                 if size <= 0:
@@ -221,7 +223,7 @@ class Runner:
             yield staged
 
     def _requests(self, items: list[Item]) -> list[list[Item]]:
-        if not self._sent_pages:  # the first page (small, `_pages`) goes out on every thread
+        if not self._sent_pages and self._chunked:  # the first page (small, `_pages`) goes out on every thread
             self._sent_pages += 1
             return pack_requests(items, max(1, -(-len(items) // self.options.concurrency)))
         return pack_requests(items, self.options.batch_size)

@@ -194,6 +194,10 @@ def test_ctrl_c_stops_within_the_rows_in_flight_and_a_second_ctrl_c_aborts_with_
     # 2. a resume, then Ctrl-C twice (human output): aborts at once, still prints the summary, stays resumable
     first = job["embedded"]
     proc, lines = _start(path, "resume", "--log-format", "human")
+    deadline = time.monotonic() + 120
+    while _job(engine)["status"] != "running":  # claimed: the run starts (the model is loaded by then)
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.1)
     time.sleep(3)
     proc.send_signal(signal.SIGINT)
     _wait_for(lines, proc, "Ctrl-C again to abort")
