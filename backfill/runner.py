@@ -139,6 +139,7 @@ class Runner:
         self._cpu: ThreadPoolExecutor | None = None  # the prepare thread, while run() is on
         self._batches: int | None = None  # the job's batch counter as of our last commit (jobs.batch_landed)
         self._sent_pages = 0
+        self._holes: set[str] = set()  # tables where a stop left rows unsent: the cursor stays before them
         self._chunked = bool(getattr(provider, "chunk_tokens", None))  # fed in chunks: the local model
         self._flight = threading.Lock()  # guards the two counts below against the stop check (rows_in_flight)
         self._embedding_now = 0  # rows in the chunks being embedded at this moment
@@ -515,9 +516,11 @@ class Runner:
         rows, result, prepared = inflight.popleft()
         self._collect(result, prepared)
         self._settle(result)
-        if result.abandoned:  # stopped part-way: what was embedded commits, the cursor stops before the rest
+        holed = spec.name in self._holes
+        if result.abandoned or holed:  # stopped part-way: what was embedded commits, the cursor stops before the rest
             rows, cursor = partial.trim(rows, result, cursors.get(spec.name, 0),
-                                        keep_beyond=not self.options.reembed_all)
+                                        keep_beyond=not self.options.reembed_all, hole_before=holed)
+            self._holes.add(spec.name)  # later pages must not move the cursor past this page's unsent rows
             if not rows:
                 self._forget(result)
                 return
