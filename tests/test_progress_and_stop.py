@@ -228,3 +228,64 @@ def test_ctrl_c_stops_within_the_rows_in_flight_and_a_second_ctrl_c_aborts_with_
     assert job["skipped"] + job["failed"] == recorded and len(new) + recorded + nokey == need
     assert job["selected"] == job["embedded"] + job["skipped"] + job["failed"]  # each row counted once
     assert set(_provenance(engine)) == set(after) - set(before) and set(_provenance(engine).values()) == {job["id"]}
+
+
+def test_a_stop_with_a_slow_request_behind_finished_pages_leaves_no_row_behind(tmp_path):
+    """The first page of 120 rows has 60 long texts in its first request, 60 short ones in its second:
+    the short request and the pages after it finish while the long one runs. Stopped then, the run
+    writes what it has, the cursor stays before the long request's unsent rows, and a resume embeds
+    exactly those and the rest (the seen bug: a later, finished page moved the cursor past them)."""
+    path, engine = _sample_db(tmp_path, memories=500, entities=0)
+    before = _vectors(engine)
+    with engine.connect() as conn:
+        todo = [r for (r,) in conn.exec_driver_sql("SELECT id FROM memories ORDER BY id") if ("memories", r) not in before]
+    long_rows = todo[8:68]  # after the job's small first page (8 rows): the first request of the next page
+    with engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE memories SET content = 'short note ' || id")
+        for rid in long_rows:
+            conn.exec_driver_sql("UPDATE memories SET content = ? WHERE id = ?",
+                                 (" ".join(f"word{rid}x{i}" for i in range(600)), rid))
+    assert subprocess.run([sys.executable, "-m", "backfill", "migrate", "--database-url", str(path)],
+                          cwd=ROOT, env=_env(), capture_output=True).returncode == 0
+    master, slave = os.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))
+    proc = subprocess.Popen([sys.executable, "-m", "backfill", "run", "--database-url", str(path), "--provider",
+                             "local", "-b", "60", "--concurrency", "2"],
+                            cwd=ROOT, env=_env(), stdin=slave, stdout=slave, stderr=slave, close_fds=True)
+    os.close(slave)
+    screen, signalled = "", False
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None:
+            ready, _, _ = select.select([master], [], [], 0.05)
+            if not ready:
+                continue
+            try:
+                chunk = os.read(master, 65536).decode("utf-8", "replace")
+            except OSError:
+                break
+            screen += chunk
+            counts = [int(m.group(1)) for m in BAR.finditer(ANSI.sub("", chunk))]
+            # the short request and the next page (8 + 60 + 120 rows) are about done, the long one is not
+            if not signalled and counts and max(counts) >= 215:
+                proc.send_signal(signal.SIGINT)
+                signalled = True
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(master)
+    plain = ANSI.sub("", screen)
+    assert signalled and proc.returncode == 130, plain[-3000:]
+    job = _job(engine)
+    cursor = json.loads(job["cursors"])["memories"]
+    written = {r for t, r in set(_vectors(engine)) - set(before)}
+    unsent = [r for r in todo if r not in written]
+    assert job["embedded"] == len(written) == len(_provenance(engine))
+    assert cursor < min(unsent)  # the cursor never passes a row left unsent
+    resumed = subprocess.run([sys.executable, "-m", "backfill", "resume", "--database-url", str(path)], cwd=ROOT,
+                             env=_env(), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    job = _job(engine)
+    assert job["status"] == "done" and job["embedded"] == len(todo) == len(set(_vectors(engine)) - set(before))
+    assert job["selected"] == len(todo) and not job["failed"] and not job["skipped"]
