@@ -6,8 +6,9 @@ worker · 130 interrupted (resumable) · 70 internal error (a bug; rerun with --
 
 from __future__ import annotations
 
+import os
 import signal
-
+import sys
 from typing import Annotated, Callable, Optional
 
 import typer
@@ -371,10 +372,32 @@ def sample_db(
              lambda s: commands.sample_db(s, memories=memories, entities=entities, dimensions=dimensions, seed=seed))
 
 
+@app.command()
+def failures(job: JobArg = None, database_url: DatabaseUrl = None, as_json: JsonFlag = False,
+             limit: Annotated[int, typer.Option("--limit", min=0, help="Rows to list (0: all).")] = 50,
+             log_format: LogFormat = "auto") -> None:
+    """The rows a job could not embed: table, id, attempts, reason; then the most common reasons.
+
+    Example: backfill failures 7 --json
+    """
+    from backfill.commands.failures import failures as show
+
+    _execute("json" if as_json else log_format, lambda: load_settings(database_url), lambda s: show(s, job, limit))
+
+
 def _terminate(signum: int, _frame: object) -> None:
     raise KeyboardInterrupt  # SIGTERM before the run loop takes over: clean up and exit 130 like Ctrl-C
 
 
 def main() -> None:
     signal.signal(signal.SIGTERM, _terminate)
-    app()
+    try:
+        app()
+    except SystemExit as exc:
+        from backfill import stopping
+
+        if stopping.ABORTED.is_set():  # a second Ctrl-C: the job is closed and the summary out; requests
+            sys.stdout.flush()         # still on the wire are not waited for (nothing is written after)
+            sys.stderr.flush()
+            os._exit(exc.code if isinstance(exc.code, int) else 130)
+        raise

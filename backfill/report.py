@@ -98,17 +98,26 @@ def stats_block(stats_dict: dict) -> str:
 
 
 class Progress:
-    """Per-batch progress: a rich bar on a terminal, one JSON object per batch on a pipe."""
+    """Progress: a rich bar on a terminal, one JSON object per committed batch on a pipe.
+
+    The bar counts rows as they are embedded (`embedded`, called by the runner's request threads after
+    each chunk), not only when their page commits, so it moves while a page is in flight; at commit the
+    page's rows replace what it had shown."""
 
     def __init__(self, job_id: int, total: int, label: str = "embedding") -> None:
+        import threading
+
         self.job_id = job_id
         self.total = max(total, 0)
-        self.done = 0
-        self.tokens = 0
+        self.done = 0  # rows committed
+        self.live = 0  # vectors received for pages not yet committed
+        self.tokens = 0  # tokens committed
+        self.live_tokens = 0  # tokens of requests answered for pages not yet committed
         self.started = None
         self._bar = None
         self._task = None
         self.label = label
+        self._lock = threading.Lock()
 
     def __enter__(self) -> "Progress":
         import time
@@ -116,7 +125,7 @@ class Progress:
         self.started = time.monotonic()
         event("job_started", job=self.job_id, rows_to_do=self.total)
         if not is_json():
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeRemainingColumn
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn
 
             self._bar = Bar(
                 TextColumn("[bold]job {task.fields[job]}[/] {task.description}"),
@@ -124,27 +133,66 @@ class Progress:
                 MofNCompleteColumn(),
                 TextColumn("{task.fields[rate]:.1f} rows/s"),
                 TextColumn("{task.fields[tokens]:,} tokens"),
-                TextColumn("ETA"),
-                TimeRemainingColumn(),
+                TextColumn("ETA {task.fields[eta]}"),
                 transient=False,
             )
             self._bar.start()
-            self._task = self._bar.add_task(self.label, total=self.total or None, job=self.job_id, rate=0.0, tokens=0)
+            self._task = self._bar.add_task(self.label, total=self.total or None, job=self.job_id, rate=0.0, tokens=0,
+                                            eta="-:--:--")
         return self
 
     def __exit__(self, *exc: Any) -> None:
         if self._bar is not None:
             self._bar.stop()
 
-    def batch(self, runner: Any, target: str, rows: list, result: Any, cursor: int | None) -> None:
+    @property
+    def count(self) -> int:
+        """Rows shown as done: committed, plus embedded in pages still in flight."""
+        return self.done + self.live
+
+    def embedded(self, rows: int, tokens: int = 0) -> None:
+        """`rows` more vectors arrived (from a request thread); their page has not committed yet."""
+        with self._lock:
+            self.live += rows
+            self.live_tokens += tokens
+            self._draw()
+
+    def note(self, text: str) -> None:
+        """A line for people above the bar (human mode only; safe from any thread)."""
+        if self._bar is not None:
+            self._bar.console.print(text, markup=False, highlight=False)
+
+    def _rate(self) -> tuple[float, float, float | None]:
         import time
 
         elapsed = max(time.monotonic() - (self.started or time.monotonic()), 1e-6)
-        self.done += len(rows)
-        self.tokens += result.tokens
-        rate = self.done / elapsed
-        remaining = max(self.total - self.done, 0)
-        eta = remaining / rate if rate > 0 else None
+        rate = self.count / elapsed
+        remaining = max(self.total - self.count, 0)
+        return elapsed, rate, (remaining / rate if rate > 0 else None)
+
+    def _draw(self, description: str | None = None) -> None:
+        if self._bar is None:
+            return
+        _elapsed, rate, eta = self._rate()
+        if self.total and self.count > self.total:
+            self._bar.update(self._task, total=self.count)
+        fields: dict[str, Any] = dict(completed=self.count, rate=rate, tokens=self.tokens + self.live_tokens,
+                                      eta="-:--:--" if eta is None else duration(eta))
+        if description:
+            fields["description"] = description
+        self._bar.update(self._task, **fields)
+
+    def batch(self, runner: Any, target: str, rows: list, result: Any, cursor: int | None) -> None:
+        with self._lock:
+            self.done += len(rows)
+            self.live = max(self.live - getattr(result, "live", 0), 0)
+            self.live_tokens = max(self.live_tokens - getattr(result, "live_tokens", 0), 0)
+            self.tokens += result.tokens
+            elapsed, _rate, _eta = self._rate()
+            rate = self.done / elapsed  # of committed rows, as before
+            remaining = max(self.total - self.done, 0)
+            eta = remaining / rate if rate > 0 else None
+            self._draw(target)
         o = runner.outcome
         event(
             "batch_committed", job=self.job_id, target=target, batch=o.batches, rows=len(rows),
@@ -155,10 +203,23 @@ class Progress:
             totals={"selected": o.selected, "embedded": o.embedded, "failed": o.failed, "skipped": o.skipped,
                     "changed": getattr(o, "changed", 0), "gone": getattr(o, "gone", 0)},
         )
-        if self._bar is not None:
-            if self.total and self.done > self.total:
-                self._bar.update(self._task, total=self.done)
-            self._bar.update(self._task, completed=self.done, rate=rate, tokens=self.tokens, description=target)
+
+
+def duration(seconds: float) -> str:
+    """H:MM:SS."""
+    s = int(round(seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def cut(text: str, width: int) -> str:
+    """One line of at most `width` characters."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def reason_lines(reasons: list[dict[str, Any]], width: int = 70) -> list[str]:
+    """`    12 x reason`, one per reason ({reason, count}), each cut to `width` characters."""
+    return [f"{r['count']:>6} x {cut(r['reason'], width)}" for r in reasons]
 
 
 def final_block(outcome: Any, coverage: float | None, total_rows: int | None) -> str:
@@ -184,6 +245,10 @@ def final_block(outcome: Any, coverage: float | None, total_rows: int | None) ->
         rows += [f"   - {t}:{i}" for t, i in outcome.failed_ids[:10]]
         if len(outcome.failed_ids) > 10:
             rows.append(f"   ... and {len(outcome.failed_ids) - 10} more")
+        reasons = getattr(outcome, "failure_reasons", None)
+        if reasons:
+            rows += ["Top failure reasons:", *reason_lines(reasons, width=60)]
+            rows.append(f"All of them: backfill failures {outcome.job_id}")
         rows.append("Re-run only these with: backfill retry-failed")
     if outcome.status == "interrupted":
         rows.append(f"Resume with: backfill resume {outcome.job_id}")

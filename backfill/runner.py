@@ -31,7 +31,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from backfill import db, dedupe, jobs, stale, stopping, targets, vectors
+from backfill import db, dedupe, jobs, partial, stale, stopping, targets, vectors
 from backfill.packing import Item, pack_requests
 from backfill.providers.base import (
     BadInput,
@@ -44,6 +44,7 @@ from backfill.targets import scope, select_columns
 from backfill.writer import current, encode_vector, record_provenance, write_vectors
 
 PIPELINE_PAGES = 3  # pages selected and queued ahead of the one being committed
+FIRST_PAGE_PER_THREAD = 4  # rows per request thread in a job's first page (a provider fed in chunks)
 GIL_SWITCH_S = 0.001  # while a job runs (CPython's default is 0.005)
 
 
@@ -85,6 +86,9 @@ class PageResult:
     written: list[int] = field(default_factory=list)
     changed: list[int] = field(default_factory=list)
     gone: list[int] = field(default_factory=list)
+    abandoned: set[int] = field(default_factory=set)  # rows left unsent by a stop: neither written nor failed
+    live: int = 0  # vectors already shown on the progress bar before this page committed
+    live_tokens: int = 0  # and their tokens
 
 
 @dataclass
@@ -142,6 +146,12 @@ class Runner:
         self._cpu: ThreadPoolExecutor | None = None  # the prepare thread, while run() is on
         self._batches: int | None = None  # the job's batch counter as of our last commit (jobs.batch_landed)
         self._mirror_cache: dict[str, list[vectors.Mirror]] = {}
+        self._sent_pages = 0
+        self._holes: set[str] = set()  # tables where a stop left rows unsent: the cursor stays before them
+        self._chunked = bool(getattr(provider, "chunk_tokens", None))  # fed in chunks: the local model
+        self._flight = threading.Lock()  # guards the two counts below against the stop check (rows_in_flight)
+        self._embedding_now = 0  # rows in the chunks being embedded at this moment
+        self._embedded_live = 0  # vectors received so far in this run (committed or not)
 
     # --- enumerate ------------------------------------------------------------------------
     def _pages(self, spec: targets.Spec, cursor: int) -> Iterator[list[sa.Row]]:
@@ -150,6 +160,10 @@ class Runner:
             return
         while not self.stop.reason:
             size = self.options.page_size
+            if not self.queued and self._chunked:
+                # a slow (local) model's first page is small, a few inputs per thread: prepared and sent within
+                # moments, so the first vectors arrive (and the bar moves) while the next, full page is prepared
+                size = min(size, FIRST_PAGE_PER_THREAD * self.options.concurrency)
             if self.options.limit is not None:
                 size = min(size, self.options.limit - self.queued)
                 if size <= 0:
@@ -220,6 +234,9 @@ class Runner:
             yield staged
 
     def _requests(self, items: list[Item]) -> list[list[Item]]:
+        if not self._sent_pages and self._chunked:  # the first page (small, `_pages`) goes out on every thread
+            self._sent_pages += 1
+            return pack_requests(items, max(1, -(-len(items) // self.options.concurrency)))
         return pack_requests(items, self.options.batch_size)
 
     def _pace(self) -> None:
@@ -249,6 +266,57 @@ class Runner:
         except ProviderError as exc:
             return [(i, None, str(exc)) for i in items], 0, 1
         return [(i, v, None) for i, v in zip(items, got.vectors)], got.tokens, got.requests
+
+    def _chunks(self, items: list[Item]) -> list[list[Item]]:
+        """A request as the provider takes it: whole, or in chunks of about `chunk_tokens` tokens (the local
+        model, which needs seconds for a request of 100 inputs) so the bar moves and a stop is seen between them."""
+        budget = getattr(self.provider, "chunk_tokens", None)
+        if not budget:
+            return [items]
+        out: list[list[Item]] = [[]]
+        used = 0
+        for item in items:
+            if out[-1] and used + item.tokens > budget:
+                out.append([])
+                used = 0
+            out[-1].append(item)
+            used += item.tokens
+        return out
+
+    def _embed_request(self, items: list[Item]) -> tuple[list[tuple[Item, list[float] | None, str | None]], int, int,
+                                                         list[Item]]:
+        """One request, chunk by chunk. Once the run is told to stop, no chunk starts: the rest of the request
+        (all of it, if it had not started) is abandoned: not written, not failed; a resume sends it."""
+        outcomes: list[tuple[Item, list[float] | None, str | None]] = []
+        used = requests = 0
+        chunks = self._chunks(items)
+        for n, chunk in enumerate(chunks):
+            stopping.check_runtime(self.stop, started=self.started, max_runtime_s=self.options.max_runtime_s)
+            with self._flight:  # the check and the count together: rows_in_flight() sees every chunk that starts
+                if self.stop.halts_new_pages:
+                    return outcomes, used, requests, [i for c in chunks[n:] for i in c]
+                self._embedding_now += len(chunk)
+            got: list[tuple[Item, list[float] | None, str | None]] = []
+            u = 0
+            try:
+                got, u, r = self._embed(chunk)
+                used, requests = used + u, requests + r
+                outcomes += got
+            finally:
+                ok = sum(1 for _i, v, _e in got if v is not None)
+                with self._flight:
+                    self._embedding_now -= len(chunk)
+                    self._embedded_live += ok
+            live = getattr(self.progress, "embedded", None)
+            if live is not None and (ok or u):
+                live(ok, u)
+        return outcomes, used, requests, []
+
+    def rows_in_flight(self) -> tuple[int, int]:
+        """(rows being embedded now, vectors received so far): once the stop flag is set, the first is
+        all that can still be added to the second."""
+        with self._flight:
+            return self._embedding_now, self._embedded_live
 
     def _embed_page(self, pool: ThreadPoolExecutor, spec: targets.Spec, rows: list[sa.Row]) -> PageResult:
         result = self._collect(*self._submit(pool, spec, rows))
@@ -285,14 +353,20 @@ class Runner:
 
     def _settle(self, result: PageResult) -> None:
         """Before a page commits: rows copied from an earlier page of this run take its vector (or its error),
-        then rows copied within the page take theirs."""
+        then rows copied within the page take theirs. A copy of a row a stop left unsent is left unsent too."""
         for row_id, (source, source_row) in result.cross.items():
             if source_row in source.vectors:
                 result.vectors[row_id] = source.vectors[source_row]
                 if source_row in source.encoded:
                     result.encoded[row_id] = source.encoded[source_row]
+            elif source_row in source.abandoned:
+                result.abandoned.add(row_id)
             else:
                 result.failures[row_id] = source.failures.get(source_row, "its identical text failed")
+        for row_id, source_row in list(result.copies.items()):
+            if source_row in result.abandoned:
+                result.abandoned.add(row_id)
+                del result.copies[row_id]
         dedupe.spread(result)  # after the above: a row copied within the page may copy one copied from an earlier page
 
     def _forget(self, result: PageResult) -> None:
@@ -301,16 +375,17 @@ class Runner:
             if self._in_flight_texts.get(digest, (None,))[0] is result:
                 del self._in_flight_texts[digest]
 
-    def _send(self, items: list[Item]) -> tuple[list[tuple[Item, list[float] | None, str | None]], int, int, Future]:
+    def _send(self, items: list[Item]) -> tuple[list[tuple[Item, list[float] | None, str | None]], int, int, Future,
+                                                list[Item]]:
         """One request (on a pool thread); its vectors are encoded as stored text on the prepare thread,
         so the Python work stays on one thread beside the writer instead of all of them (writer.py)."""
-        outcomes, used, requests = self._embed(items)
+        outcomes, used, requests, abandoned = self._embed_request(items)
         vectors = [(i.row_id, v) for i, v, _e in outcomes if v is not None]
         if self._cpu is not None:
-            return outcomes, used, requests, self._cpu.submit(_encode_all, vectors)
+            return outcomes, used, requests, self._cpu.submit(_encode_all, vectors), abandoned
         encoded: Future = Future()
         encoded.set_result(_encode_all(vectors))
-        return outcomes, used, requests, encoded
+        return outcomes, used, requests, encoded, abandoned
 
     def _wait(self, futures: list[Future]) -> None:
         """Wait for futures, heartbeating the lease while nothing finishes."""
@@ -330,16 +405,19 @@ class Runner:
         futures = prepared.result()
         self._wait(futures)
         for fut in futures:
-            outcomes, used, requests, encoded = fut.result()
+            outcomes, used, requests, encoded, abandoned = fut.result()
             encoded = encoded.result()
             result.tokens += used
             result.requests += requests
             result.encoded.update(encoded)
+            result.abandoned.update(i.row_id for i in abandoned)
             for item, vector, error in outcomes:
                 if vector is not None:
                     result.vectors[item.row_id] = vector
+                    result.live += 1
                 else:
                     result.failures[item.row_id] = error or "unknown error"
+            result.live_tokens += used
         return result
 
     # --- record progress ------------------------------------------------------------------
@@ -451,8 +529,9 @@ class Runner:
                 if self.stop.reason:
                     break
         except BaseException:
-            pool.shutdown(wait=True, cancel_futures=True)  # first: a request finishing now still hands its vectors on
-            prep.shutdown(wait=True, cancel_futures=True)
+            wait_for = not self.stop.aborted  # aborted: requests still on the wire are not waited for
+            pool.shutdown(wait=wait_for, cancel_futures=True)  # first: a request finishing now still hands its vectors on
+            prep.shutdown(wait=wait_for, cancel_futures=True)
             raise
         finally:
             self._cpu = None
@@ -466,7 +545,17 @@ class Runner:
         rows, result, prepared = inflight.popleft()
         self._collect(result, prepared)
         self._settle(result)
-        cursors[spec.name] = int(rows[-1][0])
+        holed = spec.name in self._holes
+        if result.abandoned or holed:  # stopped part-way: what was embedded commits, the cursor stops before the rest
+            rows, cursor = partial.trim(rows, result, cursors.get(spec.name, 0),
+                                        keep_beyond=not self.options.reembed_all, hole_before=holed)
+            self._holes.add(spec.name)  # later pages must not move the cursor past this page's unsent rows
+            if not rows:
+                self._forget(result)
+                return
+        else:
+            cursor = int(rows[-1][0])
+        cursors[spec.name] = cursor
         self._commit(spec, rows, result, cursors, retry=False)
         self._forget(result)
         self._account(spec, rows, result, cursors[spec.name])

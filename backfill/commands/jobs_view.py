@@ -8,6 +8,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from backfill import jobs, report, runner, targets
 from backfill.commands.database import open_database, require_tables
+from backfill.commands.failures import top_reasons
 from backfill.config import Settings
 from backfill.errors import ConfigError
 
@@ -48,6 +49,7 @@ def status(settings: Settings, job_id: int | None) -> int:
     polled = _batch_status(settings, engine, job)
     with engine.connect() as conn:
         view = _job_view(conn, jobs.get(conn, job.id), remaining=True)
+        view["top_reasons"] = [{**r, "reason": settings.redact(r["reason"])} for r in top_reasons(conn, job.id)]
         if polled is not None:
             from backfill import batch
 
@@ -60,6 +62,10 @@ def status(settings: Settings, job_id: int | None) -> int:
     report.say(f"  model      {view['provider']}:{view['model']} ({view['dimensions']} dims, recipe {view['recipe_version']})")
     report.say(f"  rows       selected {view['selected']}  embedded {view['embedded']}  failed {view['failed']}  "
                f"skipped {view['skipped']}  changed {view['changed']}  gone {view['gone']}")
+    for i, line in enumerate(report.reason_lines(view["top_reasons"], width=60)):
+        report.say(f"  {'failures' if i == 0 else '':<10} {line.strip()}")
+    if view["top_reasons"]:
+        report.say(f"  {'':<10} (all of them: backfill failures {view['id']})")
     report.say(f"  cursor     {view['cursors']}")
     report.say(f"  work       {view['batches']} batches, {view['requests']} requests, {view['tokens']:,} tokens, "
                f"${view['cost_usd']:.4f}")

@@ -30,6 +30,7 @@ from backfill.commands.database import (
     stats,
     verify,
 )
+from backfill.commands.failures import top_reasons
 from backfill.commands.jobs_view import pick_job
 from backfill.commands.request import (
     RunRequest,
@@ -70,7 +71,8 @@ def _drive(settings: Settings, engine: Engine, job: jobs.Job, provider: Provider
     run = (runner_class or runner.Runner)(engine, provider, job, worker, options, None, stop)
     status, reason = "interrupted", None
     try:
-        with stopping.signals_stop(stop), report.Progress(job.id, total, "retry" if retry else "embedding") as progress:
+        with report.Progress(job.id, total, "retry" if retry else "embedding") as progress, \
+                stopping.signals_stop(stop, lambda: _stopping_notice(job.id, run, stop, progress)):
             run.progress = progress
             outcome = run.retry() if retry else run.run()
         reason = stop.reason
@@ -78,6 +80,12 @@ def _drive(settings: Settings, engine: Engine, job: jobs.Job, provider: Provider
     except FatalProviderError as exc:
         reason = str(exc)
         raise ConfigError(f"{exc} (job {job.id} is resumable: backfill resume {job.id})") from None
+    except KeyboardInterrupt:
+        if not stop.aborted:
+            reason = "KeyboardInterrupt"
+            raise
+        reason = f"{stop.reason}, then aborted by a second signal"  # the summary below is still printed
+        outcome = run.outcome
     except BaseException as exc:
         reason = f"{type(exc).__name__}"
         raise
@@ -85,7 +93,11 @@ def _drive(settings: Settings, engine: Engine, job: jobs.Job, provider: Provider
         jobs.release(engine, job.id, worker, status, reason)
     with engine.connect() as conn:
         final = jobs.get(conn, job.id)
+    if stop.aborted:  # an abort can land between a commit and its accounting: the job row is the truth
+        _count_from_job(outcome, job, final)
+    with engine.connect() as conn:
         cov = coverage.collect(conn, job.user_email, with_stale=False)
+        outcome.failure_reasons = [{**r, "reason": settings.redact(r["reason"])} for r in top_reasons(conn, job.id)]
     outcome.status, outcome.stop_reason = status, reason
     outcome.failed = int(final.failed)
     if not outcome.failed_ids and outcome.failed:
@@ -99,7 +111,8 @@ def _drive(settings: Settings, engine: Engine, job: jobs.Job, provider: Provider
                  embedded=final.embedded, failed=final.failed, skipped=final.skipped, batches=final.batches,
                  requests=final.requests, tokens=final.tokens, cost_usd=round(final.cost_usd, 6),
                  tokens_saved=final.tokens_saved, unaddressable=outcome.unaddressable,
-                 coverage=round(pct, 2), failed_ids=[f"{t}:{i}" for t, i in outcome.failed_ids[:100]])
+                 coverage=round(pct, 2), failed_ids=[f"{t}:{i}" for t, i in outcome.failed_ids[:100]],
+                 failure_reasons=outcome.failure_reasons)
     report.say(report.final_block(outcome, pct, total_rows))
     if status == "interrupted" and stop.signalled:
         raise Interrupted(f"job {job.id} interrupted; resume with `backfill resume {job.id}`")
@@ -111,6 +124,20 @@ def _drive(settings: Settings, engine: Engine, job: jobs.Job, provider: Provider
     elif status == "done" and final.failed:
         raise RowsFailed(f"job {job.id}: {final.failed} row(s) failed; re-run them with `backfill retry-failed {job.id}`")
     return 0
+
+
+def _stopping_notice(job_id: int, run: Any, stop: stopping.StopFlag, progress: report.Progress) -> None:
+    """Said at once on the first Ctrl-C/SIGTERM: what will happen, and how to abort instead."""
+    in_flight, embedded = run.rows_in_flight() if hasattr(run, "rows_in_flight") else (0, progress.count)
+    report.event("stop_requested", job=job_id, reason=stop.reason, rows_in_flight=in_flight, rows_embedded=embedded)
+    progress.note(f"{stop.reason}: stopping after the {in_flight} rows in flight; Ctrl-C again to abort")
+
+
+def _count_from_job(outcome: Any, before: jobs.Job, after: jobs.Job) -> None:
+    """This run's counts as the job row's counters moved, for a run whose accounting was cut short."""
+    for name in ("selected", "embedded", "skipped", "batches", "tokens", "tokens_saved"):
+        setattr(outcome, name, int(getattr(after, name) or 0) - int(getattr(before, name) or 0))
+    outcome.cost_usd = float(after.cost_usd or 0) - float(before.cost_usd or 0)
 
 
 def _batch_runner(settings: Settings, job: jobs.Job, req: RunRequest) -> Callable[..., Any] | None:
