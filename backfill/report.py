@@ -70,14 +70,15 @@ def suggest(command: str) -> str:
 
 
 def tell_source(display: str) -> None:
-    """Once per command, on stderr (human mode): which database, and where its URL came from."""
+    """Once per command, in human mode (stdout, so an error stays the one line on stderr): which
+    database, and where its URL came from."""
     settings: Settings | None = _state["settings"]
     if _state["told_source"] or is_json() or is_quiet() or settings is None:
         return
     _state["told_source"] = True
     source = settings.database_url_source or "the command line"
     text = settings.redact(f"database: {display} (from {source})")
-    print(text, file=sys.stderr, flush=True)
+    print(text, flush=True)
 
 
 def configure_logging(log_format: str = "auto", settings: Settings | None = None, stream: TextIO | None = None) -> bool:
