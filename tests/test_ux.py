@@ -315,10 +315,10 @@ def test_human_output_fits_80_columns(tmp_path, cli):
         env = env_for(server, str(db))
         assert cli("up", *RUN_ARGS, "--limit", "10", "-b", "5", env=env).code == 0
         assert cli("run", *RUN_ARGS, "-u", "alice@example.com", "--limit", "5", env=env).code == 0
-    url = ["--database-url", str(db), "--log-format", "human"]
-    stats = cli("stats", *url)
-    jobs = cli("jobs", *url)
-    status = cli("status", "1", *url)
+    url = ["--database-url", db.name, "--log-format", "human"]  # a long path cannot fit; the rest must
+    stats = cli("stats", *url, cwd=tmp_path)
+    jobs = cli("jobs", *url, cwd=tmp_path)
+    status = cli("status", "1", *url, cwd=tmp_path)
     for result in (stats, jobs, status):
         assert result.code == 0, result.output
         assert all(len(line) <= 80 for line in result.stdout.splitlines()), result.stdout

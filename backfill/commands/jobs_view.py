@@ -130,14 +130,14 @@ def list_jobs(settings: Settings) -> int:
     if not views:
         report.say(f"no jobs yet: start one with `{report.suggest('backfill up')}`")
         return 0
-    # 77 columns; the model and the rest are in `backfill status JOB`
-    report.say(f"{'id':>4}  {'status':<11} {'target':<8} {'user':<16} {'embedded':>8} {'failed':>6}  updated (UTC)")
+    # 79 columns; the model and the rest are in `backfill status JOB`
+    report.say(f"{'id':>4} {'status':<11} {'target':<8} {'user':<20} {'embedded':>8} {'failed':>6} updated (UTC)")
     for v in views:
         user = _scope(v["user_email"]) if not v["user_email"] else v["user_email"]
-        if len(user) > 16:
-            user = user[:15] + "…"
-        report.say(f"{v['id']:>4}  {v['status']:<11} {v['target']:<8} {user:<16} {v['embedded']:>8} "
-                   f"{v['failed']:>6}  {_when(v['updated_at'])}")
+        if len(user) > 20:
+            user = user[:19] + "…"
+        report.say(f"{v['id']:>4} {v['status']:<11} {v['target']:<8} {user:<20} {v['embedded']:>8} "
+                   f"{v['failed']:>6} {_when(v['updated_at'])}")
     return 0
 
 
