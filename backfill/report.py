@@ -121,6 +121,12 @@ def event(name: str, **fields: Any) -> None:
         structlog.get_logger().info(name, **fields)
 
 
+def nothing(message: str, **fields: Any) -> None:
+    """Nothing to do (exit 0): the line for people, or a `nothing_to_do` event carrying the same message."""
+    say(message)
+    event("nothing_to_do", message=message, **fields)
+
+
 def say(text: str = "") -> None:
     """A line for people (human mode only; -q silences it)."""
     if not is_json() and not is_quiet():

@@ -93,8 +93,7 @@ def status(settings: Settings, job_id: int | None) -> int:
 
 
 def _no_jobs() -> int:
-    report.say(f"no jobs yet: nothing to show (start one with `{report.suggest('backfill up')}`)")
-    report.event("nothing_to_do", command="status")
+    report.nothing(f"no jobs yet: nothing to show (start one with `{report.suggest('backfill up')}`)", command="status")
     return 0
 
 
@@ -119,7 +118,7 @@ def _batch_status(settings: Settings, engine: Engine, job: jobs.Job) -> str | No
 def list_jobs(settings: Settings) -> int:
     _target, engine = open_database(settings)
     if not sa.inspect(engine).has_table("backfill_jobs"):
-        report.say(f"no jobs yet: start one with `{report.suggest('backfill up')}`")
+        report.nothing(f"no jobs yet: start one with `{report.suggest('backfill up')}`", command="jobs")
         return 0
     with engine.connect() as conn:
         views = [_job_view(conn, j, remaining=False) for j in jobs.listing(conn)]
@@ -147,8 +146,8 @@ def cancel(settings: Settings, job_id: int) -> int:
     with engine.connect() as conn:
         job = jobs.get(conn, job_id)
     if job.status not in jobs.OPEN_STATUSES:
-        report.say(f"job {job.id} is already {job.status}: nothing to cancel")
-        report.event("nothing_to_do", command="cancel", job=job.id, status=job.status)
+        report.nothing(f"job {job.id} is already {job.status}: nothing to cancel", command="cancel", job=job.id,
+                       status=job.status)
         return 0
     if job.params.get("mode") == "batch":
         from backfill import batch

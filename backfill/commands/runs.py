@@ -161,8 +161,8 @@ def run(settings: Settings, req: RunRequest) -> int:
     with engine.connect() as conn:
         user_id = coverage.user_id_for(conn, req.user_email) if req.user_email else None
     if not req.adopt_existing and _nothing_to_do(engine, req, user_id):
-        report.say("nothing to embed: every row in scope has its embedding (no job recorded)")
-        report.event("nothing_to_do", target=req.target, user_email=req.user_email)
+        report.nothing("nothing to embed: every row in scope has its embedding (no job recorded)",
+                       target=req.target, user_email=req.user_email)
         return 0
     provider = req.extra.pop("provider", None) or build_provider(settings, req)
     req.model = provider.model
@@ -274,18 +274,18 @@ def resume(settings: Settings, job_id: int | None, req: RunRequest) -> int:
     validate_pacing(req)
     _target, engine = open_database(settings)
     if not sa.inspect(engine).has_table("backfill_jobs") and job_id is None:
-        report.say(f"no jobs yet: nothing to resume (start one with `{report.suggest('backfill up')}`)")
+        report.nothing(f"no jobs yet: nothing to resume (start one with `{report.suggest('backfill up')}`)",
+                       command="resume")
         return 0
     require_tables(engine)
     with engine.connect() as conn:
         job = jobs.get(conn, job_id) if job_id is not None else jobs.latest(conn, jobs.OPEN_STATUSES)
     if job is None:
-        report.say(f"no open job: nothing to resume (start one with `{report.suggest('backfill up')}`)")
-        report.event("nothing_to_do", command="resume")
+        report.nothing(f"no open job: nothing to resume (start one with `{report.suggest('backfill up')}`)", command="resume")
         return 0
     if job.status not in jobs.OPEN_STATUSES:
-        report.say(f"job {job.id} is {job.status}: nothing to resume")
-        report.event("nothing_to_do", command="resume", job=job.id, status=job.status)
+        report.nothing(f"job {job.id} is {job.status}: nothing to resume", command="resume", job=job.id,
+                       status=job.status)
         return 0
     req = from_job(job, req)
     provider = build_provider(settings, req)
@@ -298,7 +298,7 @@ def retry_failed(settings: Settings, job_id: int | None, req: RunRequest) -> int
     validate_pacing(req)
     _target, engine = open_database(settings)
     if not sa.inspect(engine).has_table("backfill_jobs") and job_id is None:
-        report.say("no jobs yet: nothing to retry")
+        report.nothing("no jobs yet: nothing to retry", command="retry-failed")
         return 0
     require_tables(engine)
     with engine.connect() as conn:
@@ -307,15 +307,14 @@ def retry_failed(settings: Settings, job_id: int | None, req: RunRequest) -> int
                 "SELECT job_id FROM backfill_failures WHERE kind = 'failed' AND resolved = :f ORDER BY job_id DESC LIMIT 1"
             ), {"f": False}).first()
             if row is None:
-                report.say("no recorded failures: nothing to retry")
-                report.event("nothing_to_do", command="retry-failed")
+                report.nothing("no recorded failures: nothing to retry", command="retry-failed")
                 return 0
             job_id = int(row[0])
         job = jobs.get(conn, job_id)
         pending = len(jobs.open_failures(conn, job.id))
     if not pending:
-        report.say(f"job {job.id} has no unresolved failures: nothing to retry")
-        report.event("nothing_to_do", command="retry-failed", job=job.id)
+        report.nothing(f"job {job.id} has no unresolved failures: nothing to retry", command="retry-failed",
+                       job=job.id)
         return 0
     req = from_job(job, req)
     provider = build_provider(settings, req)
