@@ -74,7 +74,7 @@ def one_error_line(result) -> str:  # noqa: ANN001
     (["--max-cost", "-1"], "--max-cost"),
     (["--vector-column", "ev"], "--vector-column"),
     (["-u", "nobody@example.com"], "no user"),
-    ([], "OPENAI_API_KEY"),  # no key, rows to embed
+    (RUN_ARGS, "OPENAI_API_KEY"),  # no key, rows to embed
 ])
 def test_up_refuses_bad_flags_and_a_missing_key_before_migrate_touches_the_file(tmp_path, cli, args, needle):
     db = legacy_db(tmp_path)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from types import SimpleNamespace
 from typing import Any
 
 import sqlalchemy as sa
@@ -160,6 +161,7 @@ def run(settings: Settings, req: RunRequest) -> int:
     require_tables(engine)
     with engine.connect() as conn:
         user_id = coverage.user_id_for(conn, req.user_email) if req.user_email else None
+    _refuse_mixing(engine, req, user_id)  # before "nothing to do": another model in the column is refused
     if not req.adopt_existing and _nothing_to_do(engine, req, user_id):
         report.nothing("nothing to embed: every row in scope has its embedding (no job recorded)",
                        target=req.target, user_email=req.user_email)
@@ -228,16 +230,33 @@ def _identity(req: RunRequest) -> tuple[str, str, int]:
     return req.provider, model, dims
 
 
+def _open_job(engine: Engine, req: RunRequest, user_id: str | None) -> jobs.Job | None:
+    if not sa.inspect(engine).has_table("backfill_jobs"):
+        return None
+    name, model, dims = _identity(req)
+    with engine.connect() as conn:
+        return jobs.find_open(conn, jobs.JobKey("run", req.target, user_id, name, model, dims, req.recipe))
+
+
+def _refuse_mixing(engine: Engine, req: RunRequest, user_id: str | None) -> None:
+    """One model per column (compat.ensure_compatible), asked without a key; `run` asks again under
+    the job lock."""
+    if req.reembed_all or req.reembed_stale or _open_job(engine, req, user_id) is not None:
+        return
+    _name, model, dims = _identity(req)
+    with engine.connect() as conn:
+        for spec in targets.specs_for(req.target):
+            compat.ensure_compatible(conn, spec, SimpleNamespace(model=model, dimensions=dims),  # type: ignore[arg-type]
+                                     user_id)
+
+
 def _nothing_to_do(engine: Engine, req: RunRequest, user_id: str | None) -> bool:
     """No open job for these parameters and no row in scope that needs (or, with --reembed-*, deserves)
     a vector: then no key is needed and no job row is recorded."""
-    name, model, dims = _identity(req)
+    _name, model, dims = _identity(req)
+    if _open_job(engine, req, user_id) is not None:
+        return False
     inspector = sa.inspect(engine)
-    if inspector.has_table("backfill_jobs"):
-        key = jobs.JobKey("run", req.target, user_id, name, model, dims, req.recipe)
-        with engine.connect() as conn:
-            if jobs.find_open(conn, key) is not None:
-                return False
     opts = runner.RunOptions(target=req.target, user_id=user_id, reembed_all=req.reembed_all,
                              reembed_stale=req.reembed_stale and inspector.has_table("backfill_embeddings"),
                              model=model, recipe=req.recipe)
@@ -258,16 +277,12 @@ def _preflight(settings: Settings, req: RunRequest) -> None:
         return  # empty or foreign: `migrate` decides; nothing to embed here either
     with engine.connect() as conn:
         user_id = coverage.user_id_for(conn, req.user_email) if req.user_email else None
+    _refuse_mixing(engine, req, user_id)
     if req.provider == "openai" and not settings.openai_api_key:
         if req.adopt_existing or not _nothing_to_do(engine, req, user_id):
             build_provider(settings, req)  # the missing-key refusal, before anything is written
         return  # nothing to embed: no key needed
-    provider = req.extra["provider"] = req.extra.get("provider") or build_provider(settings, req)
-    if req.reembed_all or req.reembed_stale or _nothing_to_do(engine, req, user_id):
-        return
-    with engine.connect() as conn:  # run checks it again under the job lock; this one comes before migrate
-        for spec in targets.specs_for(req.target):
-            compat.ensure_compatible(conn, spec, provider, user_id)
+    req.extra["provider"] = req.extra.get("provider") or build_provider(settings, req)
 
 
 def resume(settings: Settings, job_id: int | None, req: RunRequest) -> int:
