@@ -231,7 +231,7 @@ AdoptExisting = Annotated[bool, flag(
     "--adopt-existing", help="Record provenance (today's text hash) for vectors embedded before this tool, "
     "without re-embedding them, so later edits count as stale.")]
 MaxFailedRatio = Annotated[Optional[float], typer.Option(
-    "--max-failed-ratio", min=0.0, max=1.0, rich_help_panel=PACING,
+    "--max-failed-ratio", rich_help_panel=PACING,
     help="Exit 3 only when failed/selected rows exceed this ratio "
     "(e.g. 0.01); at or below it failures are reported and the exit is 0. [default: any failure exits 3]")]
 VectorColumn = Annotated[Optional[str], typer.Option(

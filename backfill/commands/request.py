@@ -65,6 +65,8 @@ def validate(req: RunRequest) -> None:
         raise ConfigError("--limit must be >= 1 (rows)")
     if req.price_per_mtok is not None and req.price_per_mtok < 0:
         raise ConfigError("--price-per-mtok must be >= 0 (US dollars per 1M tokens)")
+    if req.max_failed_ratio is not None and not 0.0 <= req.max_failed_ratio <= 1.0:
+        raise ConfigError("--max-failed-ratio must be between 0 and 1 (e.g. 0.01 for 1 %)")
     if req.max_cost is not None and req.max_cost < 0:
         raise ConfigError("--max-cost must be >= 0 (US dollars)")
     validate_pacing(req)
