@@ -21,7 +21,33 @@ from backfill.errors import EXIT_CODES, EXIT_INTERNAL, EXIT_OK, BackfillError
 CORE, PACING, BATCH, OUTPUT = "Core", "Pacing", "Batch mode", "Output"
 GLOBAL_FLAGS = ("--traceback", "-q", "--quiet")  # accepted before or after the subcommand
 
+class _Flags:
+    """--help shows boolean options as flags (no `<bool>` type column), --help itself included."""
+
+    def get_help_option(self, ctx):  # noqa: ANN001, ANN201 - click's signature
+        option = super().get_help_option(ctx)  # type: ignore[misc]
+        if option is not None:
+            option.metavar = ""
+        return option
+
+    def get_params(self, ctx):  # noqa: ANN001, ANN201
+        params = super().get_params(ctx)  # type: ignore[misc]
+        for param in params:
+            if getattr(param, "is_flag", False) and param.metavar is None:
+                param.metavar = ""
+        return params
+
+
+class FlagCommand(_Flags, typer.core.TyperCommand):
+    pass
+
+
+class FlagGroup(_Flags, typer.core.TyperGroup):
+    pass
+
+
 app = typer.Typer(
+    cls=FlagGroup,
     name="backfill",
     help=(
         "Fill in missing vector embeddings in a live mcp-memory-ts database, run like a schema "
@@ -132,7 +158,7 @@ def _execute(log_format: Format | str, settings_factory: Callable[[], Settings],
     raise typer.Exit(code)
 
 
-@app.command()
+@app.command(cls=FlagCommand)
 def migrate(
     database_url: DatabaseUrl = None,
     create: Annotated[bool, flag(
@@ -152,7 +178,7 @@ def migrate(
     _execute(log_format, lambda: load_settings(database_url), lambda s: commands.migrate(s, create=create))
 
 
-@app.command()
+@app.command(cls=FlagCommand)
 def verify(database_url: DatabaseUrl = None, log_format: LogFormat = Format.auto) -> None:
     """Compare the live schema with the migrations; print the drift and exit 1 on any.
 
@@ -163,7 +189,7 @@ def verify(database_url: DatabaseUrl = None, log_format: LogFormat = Format.auto
     _execute(log_format, lambda: load_settings(database_url), commands.verify)
 
 
-@app.command()
+@app.command(cls=FlagCommand)
 def stats(
     database_url: DatabaseUrl = None,
     user_email: UserEmail = None,
@@ -290,19 +316,19 @@ def _job_command(action: str, doc: str) -> Callable[..., None]:
     return command
 
 
-app.command("run")(_job_command("run", """Embed every row that needs it: start a job, or resume the open one with the same parameters.
+app.command("run", cls=FlagCommand)(_job_command("run", """Embed every row that needs it: start a job, or resume the open one with the same parameters.
 
     Example: backfill run -b 100 -u alice@example.com
 
     Batch API (half price, within 24 h): backfill run --mode batch -b 500 --max-runtime 60; later: backfill resume
     """))
-app.command("up")(_job_command("up", """The whole chain: migrate -> verify -> run (resuming the open job) -> stats. Safe after every deploy.
+app.command("up", cls=FlagCommand)(_job_command("up", """The whole chain: migrate -> verify -> run (resuming the open job) -> stats. Safe after every deploy.
 
     Example: backfill up --database-url ./memory.db --provider local
     """))
 
 
-@app.command()
+@app.command(cls=FlagCommand)
 def plan(
     database_url: DatabaseUrl = None, provider: Provider = None, model: Model = None, dimensions: Dimensions = None,
     target: Target = "all", user_email: UserEmail = None, batch_size: BatchSize = 100, concurrency: Concurrency = 4,
@@ -324,7 +350,7 @@ def plan(
     _execute("json" if as_json else log_format, lambda: load_settings(database_url), lambda s: commands.plan(s, req))
 
 
-@app.command()
+@app.command(cls=FlagCommand)
 def resume(
     job: JobArg = None, database_url: DatabaseUrl = None, base_url: BaseUrl = None, batch_size: BatchSize = 100,
     delay_ms: DelayMs = 0, concurrency: Concurrency = 4, limit: Limit = None, max_runtime: MaxRuntime = None,
@@ -347,7 +373,7 @@ def resume(
              lambda s: commands.resume(s, job, req))
 
 
-@app.command("retry-failed")
+@app.command("retry-failed", cls=FlagCommand)
 def retry_failed(
     job: JobArg = None, database_url: DatabaseUrl = None, base_url: BaseUrl = None, batch_size: BatchSize = 100,
     concurrency: Concurrency = 4, timeout: Timeout = 60.0, wait: Wait = False, log_format: LogFormat = Format.auto,
@@ -364,7 +390,7 @@ def retry_failed(
              lambda s: commands.retry_failed(s, job, req))
 
 
-@app.command()
+@app.command(cls=FlagCommand)
 def status(job: JobArg = None, database_url: DatabaseUrl = None, as_json: JsonFlag = False,
            log_format: LogFormat = Format.auto) -> None:
     """Progress of one job: counts, cursor, rate, tokens, cost, ETA.
@@ -378,7 +404,7 @@ def status(job: JobArg = None, database_url: DatabaseUrl = None, as_json: JsonFl
     _execute("json" if as_json else log_format, lambda: load_settings(database_url), lambda s: commands.status(s, job))
 
 
-@app.command("jobs")
+@app.command("jobs", cls=FlagCommand)
 def jobs_(database_url: DatabaseUrl = None, log_format: LogFormat = Format.auto) -> None:
     """The latest jobs, newest first.
 
@@ -389,7 +415,7 @@ def jobs_(database_url: DatabaseUrl = None, log_format: LogFormat = Format.auto)
     _execute(log_format, lambda: load_settings(database_url), commands.list_jobs)
 
 
-@app.command()
+@app.command(cls=FlagCommand)
 def cancel(job: Annotated[int, typer.Argument(help="Job id.")], database_url: DatabaseUrl = None,
            log_format: LogFormat = Format.auto) -> None:
     """Mark a job cancelled; a running worker stops after its in-flight batch.
@@ -403,7 +429,7 @@ def cancel(job: Annotated[int, typer.Argument(help="Job id.")], database_url: Da
     _execute(log_format, lambda: load_settings(database_url), lambda s: commands.cancel(s, job))
 
 
-@app.command()
+@app.command(cls=FlagCommand)
 def index(
     vector_column: Annotated[str, typer.Option("--vector-column", help="The F32_BLOB column written by "
                                                "`run --vector-column` (libSQL only).")],
@@ -420,7 +446,7 @@ def index(
     _execute(log_format, lambda: load_settings(database_url), lambda s: commands.index(s, vector_column, target))
 
 
-@app.command("sample-db")
+@app.command("sample-db", cls=FlagCommand)
 def sample_db(
     path: Annotated[str, typer.Argument(help="SQLite file to create (must not exist).")],
     memories: Annotated[int, typer.Option("--memories", help="Memories to create.")] = 300,
