@@ -93,7 +93,8 @@ UserEmail = Annotated[
                                 help="Only this user's rows (matched ignoring case; an unknown email is an error).")
 ]
 
-_global = {"traceback": False, "quiet": False}
+_global = {"traceback": False, "quiet": False}  # what this invocation asked for
+_from_argv = {"traceback": False, "quiet": False}  # found after the subcommand by main()
 
 
 def _version(value: bool) -> None:
@@ -118,8 +119,8 @@ def _main(
     version: Annotated[bool, typer.Option("--version", help="Print the version and exit.", metavar="",
                                           callback=_version, is_eager=True, rich_help_panel=OUTPUT)] = False,
 ) -> None:
-    _global["traceback"] = _global["traceback"] or traceback
-    _global["quiet"] = _global["quiet"] or quiet
+    _global["traceback"] = traceback or _from_argv["traceback"]
+    _global["quiet"] = quiet or _from_argv["quiet"]
 
 
 def _execute(log_format: Format | str, settings_factory: Callable[[], Settings], body: Callable[[Settings], int | None]) -> None:
@@ -477,7 +478,7 @@ def _global_flags(argv: list[str]) -> list[str]:
         if arg == "--":
             return out + argv[i:]
         if arg in GLOBAL_FLAGS:
-            _global["traceback" if arg == "--traceback" else "quiet"] = True
+            _from_argv["traceback" if arg == "--traceback" else "quiet"] = True
             continue
         out.append(arg)
     return out

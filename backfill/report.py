@@ -276,6 +276,7 @@ def final_block(outcome: Any, coverage: float | None, total_rows: int | None) ->
     done = outcome.status == "done"
     head = "Backfill complete!" if done and not outcome.failed else (
         "Backfill finished with failures" if done else f"Backfill stopped: {outcome.stop_reason}")
+    head = paint(head, "green" if done and not outcome.failed else ("yellow" if done else "red"))
     rows = [line, head, "", "Final Statistics:",
             f"   Total rows processed: {outcome.selected}",
             f"   Successfully generated: {outcome.embedded}",
