@@ -36,7 +36,7 @@ def require_data_tables(engine: Engine, target: db.Target) -> None:
         return
     if not names:
         raise ConfigError(f"{target.display} is empty (no mcp-memory-ts tables): check --database-url, or "
-                          f"create the schema there with `{report.suggest('backfill migrate')}`")
+                          f"create the schema there with `{report.suggest('backfill migrate --create')}`")
     found = sorted(names)
     shown = ", ".join(found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
     raise SchemaDrift(f"{target.display} is not an mcp-memory-ts database (no memories table; found {shown}): "
