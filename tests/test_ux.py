@@ -414,15 +414,16 @@ def test_sample_db_refuses_negative_counts(tmp_path, cli, args):
 
 def test_migrates_refusal_prints_no_python_repr(tmp_path, cli):
     db = legacy_db(tmp_path)
-    with sqlite3.connect(db) as conn:  # the server's users table, rebuilt without its constraints
-        cols = [r[1] for r in conn.execute("PRAGMA table_info(users)")]
-        conn.execute("PRAGMA foreign_keys = OFF")
-        conn.execute(f"CREATE TABLE users_copy AS SELECT {', '.join(cols)} FROM users")
-        conn.execute("DROP TABLE users")
-        conn.execute("ALTER TABLE users_copy RENAME TO users")
-    result = cli("migrate", "--database-url", str(db), "--log-format", "human")
-    assert result.code == 1, result.output[-2000:]
-    assert not re.search(r"\w+\(Column\(|Constraint\(|<sqlalchemy|object at 0x", result.output), result.output
+    with sqlite3.connect(db) as conn:  # what backfill writes is gone: migrate must refuse, in words
+        conn.execute("ALTER TABLE memories DROP COLUMN embedding")
+    before = sha(db)
+    for fmt in ("human", "json"):
+        result = cli("migrate", "--database-url", str(db), "--log-format", fmt)
+        assert result.code == 1, result.output[-2000:]
+        assert "embedding" in result.output
+        assert not re.search(r"\w+\(Column\(|Constraint\(|<sqlalchemy|object at 0x|\bTable\(", result.output), \
+            result.output
+    assert sha(db) == before
 
 
 # --- 12.8: a broken environment is named, with its own exit code (5), never 70 ----------------------------
