@@ -1,11 +1,13 @@
 """The `backfill` command line: parse, call one library function, map typed errors to exit codes.
 
-Exit codes: 0 done · 1 verify drift · 2 usage/config · 3 some rows failed · 4 job held by another
-worker · 130 interrupted (resumable) · 70 internal error (a bug; rerun with --traceback).
+Exit codes (backfill.errors.EXIT_CODES): 0 done · 1 verify drift · 2 usage/config · 3 some rows failed ·
+4 job held by another worker · 5 environment problem (disk full, read-only) · 130 interrupted
+(resumable) · 70 internal error (a bug; rerun with --traceback).
 """
 
 from __future__ import annotations
 
+import enum
 import os
 import signal
 import sys
@@ -15,24 +17,56 @@ import typer
 
 from backfill import report
 from backfill.config import Settings, load_settings
-from backfill.errors import EXIT_OK, BackfillError
+from backfill.errors import EXIT_CODES, EXIT_INTERNAL, EXIT_OK, BackfillError
 
-EXIT_INTERNAL = 70
+CORE, PACING, BATCH, OUTPUT = "Core", "Pacing", "Batch mode", "Output"
+GLOBAL_FLAGS = ("--traceback", "-q", "--quiet")  # accepted before or after the subcommand
+
+class _Flags:
+    """--help shows boolean options as flags (no `<bool>` type column), --help itself included."""
+
+    def get_help_option(self, ctx):  # noqa: ANN001, ANN201 - click's signature
+        option = super().get_help_option(ctx)  # type: ignore[misc]
+        if option is not None:
+            option.metavar = ""
+        return option
+
+    def get_params(self, ctx):  # noqa: ANN001, ANN201
+        params = super().get_params(ctx)  # type: ignore[misc]
+        for param in params:
+            if getattr(param, "is_flag", False) and param.metavar is None:
+                param.metavar = ""
+        return params
+
+
+class FlagCommand(_Flags, typer.core.TyperCommand):
+    pass
+
+
+class FlagGroup(_Flags, typer.core.TyperGroup):
+    pass
+
 
 app = typer.Typer(
+    cls=FlagGroup,
     name="backfill",
     help=(
         "Fill in missing vector embeddings in a live mcp-memory-ts database, run like a schema "
         "migration: recorded, resumable, idempotent.\n\n"
         "Start with `backfill up` (migrate -> verify -> run/resume -> stats).\n\n"
-        "Exit codes: 0 done, 1 schema drift, 2 usage or configuration error, 3 some rows failed "
-        "(recorded; see `retry-failed`), 4 another worker holds the job, 130 interrupted (resumable)."
+        "Exit codes: " + " · ".join(f"{code} {short}" for code, short, _ in EXIT_CODES) + "."
     ),
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
     rich_markup_mode="markdown",  # so help text may say [default: …] and `code`
 )
+
+
+def flag(*names: str, help: str, panel: str = CORE) -> typer.models.OptionInfo:  # noqa: A002
+    """A boolean option shown as a flag in --help (no `<bool>` type column)."""
+    return typer.Option(*names, help=help, metavar="", rich_help_panel=panel)
+
 
 DatabaseUrl = Annotated[
     Optional[str],
@@ -40,47 +74,84 @@ DatabaseUrl = Annotated[
         "--database-url",
         help="Database: a file path, sqlite:///FILE, sqlite+libsql:///FILE, libsql://HOST, postgresql://…  "
         "[default: $DATABASE_URL, else $TURSO_URL + $TURSO_AUTH_TOKEN, also read from .env.local / .env]",
-        show_default=False,
+        show_default=False, rich_help_panel=CORE,
     ),
 ]
+class Format(str, enum.Enum):
+    auto = "auto"
+    human = "human"
+    json = "json"
+
+
 LogFormat = Annotated[
-    str,
-    typer.Option("--log-format", help="auto (human on a terminal, JSON lines on a pipe), human or json."),
+    Format,
+    typer.Option("--log-format", help="auto (human on a terminal, JSON lines on a pipe), human or json.",
+                 rich_help_panel=OUTPUT),
 ]
-JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of text.")]
+JsonFlag = Annotated[bool, flag("--json", help="Print one JSON object instead of text.", panel=OUTPUT)]
 UserEmail = Annotated[
-    Optional[str], typer.Option("-u", "--user-email", help="Only this user's rows (an unknown email is an error).")
+    Optional[str], typer.Option("-u", "--user-email", rich_help_panel=CORE,
+                                help="Only this user's rows (matched ignoring case; an unknown email is an error).")
 ]
 
-_traceback = {"on": False}
+_global = {"traceback": False, "quiet": False}  # what this invocation asked for
+_from_argv = {"traceback": False, "quiet": False}  # found after the subcommand by main()
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            print(f"backfill {version('backfill')}")
+        except PackageNotFoundError:  # a source tree without metadata
+            from backfill import __version__
+
+            print(f"backfill {__version__}")
+        raise typer.Exit(0)
 
 
 @app.callback()
 def _main(
-    traceback: Annotated[bool, typer.Option("--traceback", help="Show the full traceback of an error.")] = False,
+    traceback: Annotated[bool, flag("--traceback", help="Show the full traceback of an error (also accepted "
+                                    "after the subcommand).", panel=OUTPUT)] = False,
+    quiet: Annotated[bool, flag("-q", "--quiet", help="No progress bar and no informational lines; errors still "
+                                "go to stderr (also accepted after the subcommand).", panel=OUTPUT)] = False,
+    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.", metavar="",
+                                          callback=_version, is_eager=True, rich_help_panel=OUTPUT)] = False,
 ) -> None:
-    _traceback["on"] = traceback
+    _global["traceback"] = traceback or _from_argv["traceback"]
+    _global["quiet"] = quiet or _from_argv["quiet"]
 
 
-def _execute(log_format: str, settings_factory: Callable[[], Settings], body: Callable[[Settings], int | None]) -> None:
+def _execute(log_format: Format | str, settings_factory: Callable[[], Settings], body: Callable[[Settings], int | None]) -> None:
     """Run one command body; every expected failure becomes one line and its exit code."""
     settings: Settings | None = None
+    log_format = Format(log_format).value
     report.configure_logging(log_format)
+    report.set_quiet(_global["quiet"])
     try:
         settings = settings_factory()
         report.configure_logging(log_format, settings)
         code = body(settings) or EXIT_OK
     except BackfillError as exc:
-        if _traceback["on"]:
+        if _global["traceback"]:
             raise
         report.error(exc.message, exc.details, exc.exit_code)
         code = exc.exit_code
     except KeyboardInterrupt:
         report.error("interrupted", exit_code=130)
         code = 130
-    except Exception as exc:  # a bug: one line, secrets removed, traceback on request
-        if _traceback["on"]:
+    except Exception as exc:  # the machine (disk full, read-only) or a bug: one line, secrets removed
+        from backfill.commands import environment_problem
+        from backfill.errors import EnvironmentProblem
+
+        problem = environment_problem(exc)
+        if _global["traceback"]:
             raise
+        if problem is not None:
+            report.error(problem, exit_code=EnvironmentProblem.exit_code)
+            raise typer.Exit(EnvironmentProblem.exit_code) from None
         message = f"internal error: {type(exc).__name__}: {exc}".splitlines()[0][:400]
         if settings is not None:
             message = settings.redact(message)
@@ -89,13 +160,13 @@ def _execute(log_format: str, settings_factory: Callable[[], Settings], body: Ca
     raise typer.Exit(code)
 
 
-@app.command()
+@app.command(cls=FlagCommand)
 def migrate(
     database_url: DatabaseUrl = None,
-    create: Annotated[bool, typer.Option(
+    create: Annotated[bool, flag(
         "--create", help="Create the mcp-memory-ts schema in a new file or an empty database "
         "(without it, a missing file or an empty database is refused).")] = False,
-    log_format: LogFormat = "auto",
+    log_format: LogFormat = Format.auto,
 ) -> None:
     """Bring the schema to head (`alembic upgrade head`), adopting a live mcp-memory-ts database.
 
@@ -109,8 +180,8 @@ def migrate(
     _execute(log_format, lambda: load_settings(database_url), lambda s: commands.migrate(s, create=create))
 
 
-@app.command()
-def verify(database_url: DatabaseUrl = None, log_format: LogFormat = "auto") -> None:
+@app.command(cls=FlagCommand)
+def verify(database_url: DatabaseUrl = None, log_format: LogFormat = Format.auto) -> None:
     """Compare the live schema with the migrations; print the drift and exit 1 on any.
 
     Example: backfill verify --database-url ./memory.db
@@ -120,12 +191,12 @@ def verify(database_url: DatabaseUrl = None, log_format: LogFormat = "auto") -> 
     _execute(log_format, lambda: load_settings(database_url), commands.verify)
 
 
-@app.command()
+@app.command(cls=FlagCommand)
 def stats(
     database_url: DatabaseUrl = None,
     user_email: UserEmail = None,
     as_json: JsonFlag = False,
-    log_format: LogFormat = "auto",
+    log_format: LogFormat = Format.auto,
 ) -> None:
     """Coverage of memories and entities: totals, with embedding, missing, malformed, health.
 
@@ -140,50 +211,73 @@ def stats(
     )
 
 
-Provider = Annotated[str, typer.Option("--provider", envvar="BACKFILL_PROVIDER",
-                                       help="openai (any OpenAI-compatible API) or local (offline, no key).")]
-Model = Annotated[Optional[str], typer.Option("--model", help="Embedding model [default: text-embedding-3-small].")]
-Dimensions = Annotated[Optional[int], typer.Option("--dimensions", help="Vector size (text-embedding-3-* can shorten).")]
-BaseUrl = Annotated[Optional[str], typer.Option("--base-url", help="OpenAI-compatible API root [default: $OPENAI_BASE_URL].")]
-Target = Annotated[str, typer.Option("--target", help="memories, entities or all.")]
-BatchSize = Annotated[int, typer.Option("-b", "--batch-size", help="Inputs per API request (seed: rows per batch).")]
-DelayMs = Annotated[int, typer.Option("-d", "--delay-ms", help="Extra pause between requests, in ms (pacing follows the quota without it).")]
-Concurrency = Annotated[int, typer.Option("--concurrency", help="Requests in flight at once.")]
-Limit = Annotated[Optional[int], typer.Option("--limit", help="Stop after this many rows (the job stays resumable).")]
-MaxRuntime = Annotated[Optional[float], typer.Option("--max-runtime", help="Stop after this many seconds (resumable).")]
-Recipe = Annotated[str, typer.Option("--recipe", help="Text recipe: mcp-memory-ts/1 (the server's) or unicode/1.")]
-ReembedAll = Annotated[bool, typer.Option("--reembed-all", help="Re-embed every row in scope, e.g. to change model.")]
-MaxRpm = Annotated[Optional[float], typer.Option("--max-rpm", help="Requests per minute [default: learned from headers].")]
-MaxTpm = Annotated[Optional[float], typer.Option("--max-tpm", help="Tokens per minute [default: learned from headers].")]
-Timeout = Annotated[float, typer.Option("--timeout", help="Seconds per API request.")]
-Wait = Annotated[bool, typer.Option("--wait", help="If another worker holds the job, wait for it instead of exiting 4.")]
+Provider = Annotated[Optional[str], typer.Option(
+    "--provider", rich_help_panel=CORE, show_default=False,
+    help="openai (any OpenAI-compatible API) or local (offline, no key). "
+    "[default: $BACKFILL_PROVIDER (also from .env.local / .env), else openai]")]
+Model = Annotated[Optional[str], typer.Option("--model", rich_help_panel=CORE,
+                                              help="Embedding model [default: text-embedding-3-small].")]
+Dimensions = Annotated[Optional[int], typer.Option("--dimensions", rich_help_panel=CORE,
+                                                   help="Vector size (text-embedding-3-* can shorten).")]
+BaseUrl = Annotated[Optional[str], typer.Option("--base-url", rich_help_panel=CORE,
+                                                help="OpenAI-compatible API root [default: $OPENAI_BASE_URL].")]
+Target = Annotated[str, typer.Option("--target", help="memories, entities or all.", rich_help_panel=CORE)]
+BatchSize = Annotated[int, typer.Option("-b", "--batch-size", rich_help_panel=PACING,
+                                        help="Inputs per API request (seed: rows per batch).")]
+DelayMs = Annotated[int, typer.Option("-d", "--delay-ms", rich_help_panel=PACING,
+                                      help="Extra pause between requests, in ms (pacing follows the quota without it).")]
+Concurrency = Annotated[int, typer.Option("--concurrency", help="Requests in flight at once.", rich_help_panel=PACING)]
+Limit = Annotated[Optional[int], typer.Option("--limit", rich_help_panel=PACING,
+                                              help="Stop after this many rows (the job stays resumable).")]
+MaxRuntime = Annotated[Optional[float], typer.Option(
+    "--max-runtime", rich_help_panel=PACING,
+    help="Stop after this many seconds (resumable); also bounds the wait of --wait.")]
+Recipe = Annotated[str, typer.Option("--recipe", rich_help_panel=CORE,
+                                     help="Text recipe: mcp-memory-ts/1 (the server's) or unicode/1.")]
+ReembedAll = Annotated[bool, flag("--reembed-all", help="Re-embed every row in scope, e.g. to change model.")]
+MaxRpm = Annotated[Optional[float], typer.Option("--max-rpm", rich_help_panel=PACING,
+                                                 help="Requests per minute [default: learned from headers].")]
+MaxTpm = Annotated[Optional[float], typer.Option("--max-tpm", rich_help_panel=PACING,
+                                                 help="Tokens per minute [default: learned from headers].")]
+Timeout = Annotated[float, typer.Option("--timeout", help="Seconds per API request.", rich_help_panel=PACING)]
+Wait = Annotated[bool, flag("--wait", panel=PACING, help="If another worker holds the job, wait for it (at most "
+                            "--max-runtime) instead of exiting 4.")]
 Mode = Annotated[str, typer.Option(
-    "--mode", help="sync (embeddings API, now) or batch (OpenAI Batch API: JSONL files, half the price, results "
+    "--mode", rich_help_panel=BATCH,
+    help="sync (embeddings API, now) or batch (OpenAI Batch API: JSONL files, half the price, results "
     "within 24 h; `status`/`resume` collect them).")]
 BatchFileLines = Annotated[int, typer.Option(
-    "--batch-file-lines", help="Batch mode: request lines (of -b inputs each) per uploaded file and batch, <= 50000.")]
+    "--batch-file-lines", rich_help_panel=BATCH,
+    help="Batch mode: request lines (of -b inputs each) per uploaded file and batch, <= 50000.")]
 PollInterval = Annotated[float, typer.Option(
-    "--poll-interval", help="Batch mode: seconds between polls of the running batches (bound the wait with --max-runtime).")]
-ReembedStale = Annotated[bool, typer.Option(
+    "--poll-interval", rich_help_panel=BATCH,
+    help="Batch mode: seconds between polls of the running batches (bound the wait with --max-runtime).")]
+ReembedStale = Annotated[bool, flag(
     "--reembed-stale", help="Also re-embed stale rows: text edited since it was embedded, another model/dimensions, "
     "or an older recipe (see `backfill stats`). Rows without provenance are left alone.")]
-AdoptExisting = Annotated[bool, typer.Option(
+AdoptExisting = Annotated[bool, flag(
     "--adopt-existing", help="Record provenance (today's text hash) for vectors embedded before this tool, "
     "without re-embedding them, so later edits count as stale.")]
 MaxFailedRatio = Annotated[Optional[float], typer.Option(
-    "--max-failed-ratio", min=0.0, max=1.0, help="Exit 3 only when failed/selected rows exceed this ratio "
+    "--max-failed-ratio", rich_help_panel=PACING,
+    help="Exit 3 only when failed/selected rows exceed this ratio "
     "(e.g. 0.01); at or below it failures are reported and the exit is 0. [default: any failure exits 3]")]
 VectorColumn = Annotated[Optional[str], typer.Option(
-    "--vector-column", help="libSQL only: also write each vector into this native F32_BLOB(dims) column "
+    "--vector-column", rich_help_panel=CORE,
+    help="libSQL only: also write each vector into this native F32_BLOB(dims) column "
     "(added if missing) via vector32(); then run `backfill index`.")]
 MaxCost = Annotated[Optional[float], typer.Option(
-    "--max-cost", help="Refuse (exit 2, before any request) when the plan costs more than this many US dollars.")]
+    "--max-cost", rich_help_panel=PACING,
+    help="Refuse (exit 2, before any request) when the plan costs more than this many US dollars.")]
 PricePerMtok = Annotated[Optional[float], typer.Option(
-    "--price-per-mtok", help="USD per 1M tokens, overriding the model's price table (e.g. a negotiated rate).")]
+    "--price-per-mtok", rich_help_panel=PACING,
+    help="USD per 1M tokens, overriding the model's price table (e.g. a negotiated rate).")]
+DryRun = Annotated[bool, flag("--dry-run", help="Only plan: the same as `backfill plan` with these options "
+                              "(nothing is migrated, written or sent).")]
 JobArg = Annotated[Optional[int], typer.Argument(help="Job id [default: the latest matching job].", show_default=False)]
 
 
-def _request(provider: str, model, dimensions, target, user_email, batch_size, delay_ms, concurrency, limit,  # noqa: ANN001
+def _request(provider: str | None, model, dimensions, target, user_email, batch_size, delay_ms, concurrency, limit,  # noqa: ANN001
              max_runtime, recipe, reembed_all, max_rpm, max_tpm, timeout, wait):
     from backfill.commands import RunRequest
 
@@ -197,15 +291,15 @@ def _job_command(action: str, doc: str) -> Callable[..., None]:
     """`run` and `up` take the same options; they differ only in the library function they call."""
 
     def command(
-        database_url: DatabaseUrl = None, provider: Provider = "openai", model: Model = None,
+        database_url: DatabaseUrl = None, provider: Provider = None, model: Model = None,
         dimensions: Dimensions = None, base_url: BaseUrl = None, target: Target = "all", user_email: UserEmail = None,
         batch_size: BatchSize = 100, delay_ms: DelayMs = 0, concurrency: Concurrency = 4, limit: Limit = None,
         max_runtime: MaxRuntime = None, recipe: Recipe = "mcp-memory-ts/1", reembed_all: ReembedAll = False,
         max_rpm: MaxRpm = None, max_tpm: MaxTpm = None, timeout: Timeout = 60.0, wait: Wait = False,
-        log_format: LogFormat = "auto", mode: Mode = "sync", batch_file_lines: BatchFileLines = 50_000,
+        log_format: LogFormat = Format.auto, mode: Mode = "sync", batch_file_lines: BatchFileLines = 50_000,
         poll_interval: PollInterval = 60.0, reembed_stale: ReembedStale = False, adopt_existing: AdoptExisting = False,
         max_failed_ratio: MaxFailedRatio = None, vector_column: VectorColumn = None, max_cost: MaxCost = None,
-        price_per_mtok: PricePerMtok = None,
+        price_per_mtok: PricePerMtok = None, dry_run: DryRun = False,
     ) -> None:
         from backfill import commands
 
@@ -215,33 +309,34 @@ def _job_command(action: str, doc: str) -> Callable[..., None]:
         req.max_failed_ratio, req.vector_column = max_failed_ratio, vector_column
         req.max_cost, req.price_per_mtok = max_cost, price_per_mtok
         req.extra.update(mode=mode, file_lines=batch_file_lines, poll_interval=poll_interval)
+        name = "plan" if dry_run else action  # --dry-run: the same options, planned
         _execute(log_format, lambda: load_settings(database_url, openai_base_url=base_url),
-                 lambda s: getattr(commands, action)(s, req))
+                 lambda s: getattr(commands, name)(s, req))
 
     command.__name__ = action
     command.__doc__ = doc
     return command
 
 
-app.command("run")(_job_command("run", """Embed every row that needs it: start a job, or resume the open one with the same parameters.
+app.command("run", cls=FlagCommand)(_job_command("run", """Embed every row that needs it: start a job, or resume the open one with the same parameters.
 
     Example: backfill run -b 100 -u alice@example.com
 
     Batch API (half price, within 24 h): backfill run --mode batch -b 500 --max-runtime 60; later: backfill resume
     """))
-app.command("up")(_job_command("up", """The whole chain: migrate -> verify -> run (resuming the open job) -> stats. Safe after every deploy.
+app.command("up", cls=FlagCommand)(_job_command("up", """The whole chain: migrate -> verify -> run (resuming the open job) -> stats. Safe after every deploy.
 
     Example: backfill up --database-url ./memory.db --provider local
     """))
 
 
-@app.command()
+@app.command(cls=FlagCommand)
 def plan(
-    database_url: DatabaseUrl = None, provider: Provider = "openai", model: Model = None, dimensions: Dimensions = None,
+    database_url: DatabaseUrl = None, provider: Provider = None, model: Model = None, dimensions: Dimensions = None,
     target: Target = "all", user_email: UserEmail = None, batch_size: BatchSize = 100, concurrency: Concurrency = 4,
     limit: Limit = None, recipe: Recipe = "mcp-memory-ts/1", reembed_all: ReembedAll = False, max_rpm: MaxRpm = None,
     max_tpm: MaxTpm = None, price_per_mtok: PricePerMtok = None, max_cost: MaxCost = None, as_json: JsonFlag = False,
-    log_format: LogFormat = "auto",
+    log_format: LogFormat = Format.auto,
 ) -> None:
     """Dry run, nothing sent: rows to embed, exact tokens (the model's tokenizer, on the text `run` would
     send), requests, cost (price table or --price-per-mtok) and ETA at --max-rpm/--max-tpm (default:
@@ -257,12 +352,12 @@ def plan(
     _execute("json" if as_json else log_format, lambda: load_settings(database_url), lambda s: commands.plan(s, req))
 
 
-@app.command()
+@app.command(cls=FlagCommand)
 def resume(
     job: JobArg = None, database_url: DatabaseUrl = None, base_url: BaseUrl = None, batch_size: BatchSize = 100,
     delay_ms: DelayMs = 0, concurrency: Concurrency = 4, limit: Limit = None, max_runtime: MaxRuntime = None,
     max_rpm: MaxRpm = None, max_tpm: MaxTpm = None, timeout: Timeout = 60.0, wait: Wait = False,
-    log_format: LogFormat = "auto", poll_interval: PollInterval = 60.0,
+    log_format: LogFormat = Format.auto, poll_interval: PollInterval = 60.0,
 ) -> None:
     """Continue an interrupted job from its last committed batch (model and scope come from the job).
 
@@ -280,10 +375,10 @@ def resume(
              lambda s: commands.resume(s, job, req))
 
 
-@app.command("retry-failed")
+@app.command("retry-failed", cls=FlagCommand)
 def retry_failed(
     job: JobArg = None, database_url: DatabaseUrl = None, base_url: BaseUrl = None, batch_size: BatchSize = 100,
-    concurrency: Concurrency = 4, timeout: Timeout = 60.0, wait: Wait = False, log_format: LogFormat = "auto",
+    concurrency: Concurrency = 4, timeout: Timeout = 60.0, wait: Wait = False, log_format: LogFormat = Format.auto,
 ) -> None:
     """Re-embed only the rows recorded as failed (nothing else is sent).
 
@@ -297,9 +392,9 @@ def retry_failed(
              lambda s: commands.retry_failed(s, job, req))
 
 
-@app.command()
+@app.command(cls=FlagCommand)
 def status(job: JobArg = None, database_url: DatabaseUrl = None, as_json: JsonFlag = False,
-           log_format: LogFormat = "auto") -> None:
+           log_format: LogFormat = Format.auto) -> None:
     """Progress of one job: counts, cursor, rate, tokens, cost, ETA.
 
     For a batch-mode job it also polls the provider once and writes the batches that finished.
@@ -311,8 +406,8 @@ def status(job: JobArg = None, database_url: DatabaseUrl = None, as_json: JsonFl
     _execute("json" if as_json else log_format, lambda: load_settings(database_url), lambda s: commands.status(s, job))
 
 
-@app.command("jobs")
-def jobs_(database_url: DatabaseUrl = None, log_format: LogFormat = "auto") -> None:
+@app.command("jobs", cls=FlagCommand)
+def jobs_(database_url: DatabaseUrl = None, log_format: LogFormat = Format.auto) -> None:
     """The latest jobs, newest first.
 
     Example: backfill jobs
@@ -322,9 +417,9 @@ def jobs_(database_url: DatabaseUrl = None, log_format: LogFormat = "auto") -> N
     _execute(log_format, lambda: load_settings(database_url), commands.list_jobs)
 
 
-@app.command()
+@app.command(cls=FlagCommand)
 def cancel(job: Annotated[int, typer.Argument(help="Job id.")], database_url: DatabaseUrl = None,
-           log_format: LogFormat = "auto") -> None:
+           log_format: LogFormat = Format.auto) -> None:
     """Mark a job cancelled; a running worker stops after its in-flight batch.
 
     A batch-mode job's batches are cancelled at the provider too.
@@ -336,11 +431,11 @@ def cancel(job: Annotated[int, typer.Argument(help="Job id.")], database_url: Da
     _execute(log_format, lambda: load_settings(database_url), lambda s: commands.cancel(s, job))
 
 
-@app.command()
+@app.command(cls=FlagCommand)
 def index(
     vector_column: Annotated[str, typer.Option("--vector-column", help="The F32_BLOB column written by "
                                                "`run --vector-column` (libSQL only).")],
-    database_url: DatabaseUrl = None, target: Target = "all", log_format: LogFormat = "auto",
+    database_url: DatabaseUrl = None, target: Target = "all", log_format: LogFormat = Format.auto,
 ) -> None:
     """Build the libSQL vector index (libsql_vector_idx) after the backfill and check vector_top_k on 20 probes.
 
@@ -353,14 +448,14 @@ def index(
     _execute(log_format, lambda: load_settings(database_url), lambda s: commands.index(s, vector_column, target))
 
 
-@app.command("sample-db")
+@app.command("sample-db", cls=FlagCommand)
 def sample_db(
     path: Annotated[str, typer.Argument(help="SQLite file to create (must not exist).")],
     memories: Annotated[int, typer.Option("--memories", help="Memories to create.")] = 300,
     entities: Annotated[int, typer.Option("--entities", help="Entities to create.")] = 100,
     dimensions: Annotated[int, typer.Option("--dimensions", help="Size of the embeddings already present.")] = 384,
     seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 7,
-    log_format: LogFormat = "auto",
+    log_format: LogFormat = Format.auto,
 ) -> None:
     """Build a demo mcp-memory-ts database (legacy: no alembic_version) with a mix of missing embeddings.
 
@@ -389,10 +484,24 @@ def _terminate(signum: int, _frame: object) -> None:
     raise KeyboardInterrupt  # SIGTERM before the run loop takes over: clean up and exit 130 like Ctrl-C
 
 
+def _global_flags(argv: list[str]) -> list[str]:
+    """--traceback and -q/--quiet work before or after the subcommand (the error hint says
+    "rerun with --traceback", and people append it)."""
+    out: list[str] = []
+    for i, arg in enumerate(argv):
+        if arg == "--":
+            return out + argv[i:]
+        if arg in GLOBAL_FLAGS:
+            _from_argv["traceback" if arg == "--traceback" else "quiet"] = True
+            continue
+        out.append(arg)
+    return out
+
+
 def main() -> None:
     signal.signal(signal.SIGTERM, _terminate)
     try:
-        app()
+        app(args=_global_flags(sys.argv[1:]), prog_name="backfill")
     except SystemExit as exc:
         from backfill import stopping
 

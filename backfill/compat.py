@@ -16,7 +16,8 @@ from backfill.schema import backfill_embeddings
 def ensure_compatible(conn: Connection, spec: targets.Spec, provider: Provider, user_id: str | None) -> None:
     """Refuse to mix models or dimensions in one column (promise 6)."""
     dialect = conn.dialect.name
-    prov = conn.execute(
+    has_provenance = sa.inspect(conn).has_table(backfill_embeddings.name)  # not before `migrate` (up, plan)
+    prov = [] if not has_provenance else conn.execute(
         sa.select(backfill_embeddings.c.model, backfill_embeddings.c.dimensions, sa.func.count())
         .where(backfill_embeddings.c.target == spec.name)
         .group_by(backfill_embeddings.c.model, backfill_embeddings.c.dimensions)

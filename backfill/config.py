@@ -63,6 +63,12 @@ class Settings:
     openai_base_url: str | None = None
     env_file: str | None = None
     secrets: tuple[str, ...] = field(default=(), repr=False)
+    provider: str | None = None  # BACKFILL_PROVIDER (environment, .env.local, .env)
+    database_url_source: str | None = None  # "--database-url", "DATABASE_URL", "TURSO_URL from .env", ...
+
+    @property
+    def database_url_from_flag(self) -> bool:
+        return self.database_url_source == "--database-url"
 
     def redact(self, text: str) -> str:
         """Replace every known secret in `text` with `***`."""
@@ -81,6 +87,7 @@ def load_settings(
 ) -> Settings:
     env = load_environment(cwd, environ)
     url = database_url or env.get("DATABASE_URL") or env.get("TURSO_URL") or None
+    source = _source(database_url, cwd, environ)
     token = env.get("TURSO_AUTH_TOKEN") or env.get("LIBSQL_AUTH_TOKEN") or None
     key = env.get("OPENAI_API_KEY") or None
     base_url = openai_base_url or env.get("OPENAI_BASE_URL") or None
@@ -93,7 +100,24 @@ def load_settings(
         openai_base_url=base_url,
         env_file=env_file,
         secrets=tuple(s for s in (token, key, _url_password(url)) if s),
+        provider=(env.get("BACKFILL_PROVIDER") or "").strip() or None,
+        database_url_source=source,
     )
+
+
+def _source(flag: str | None, cwd: Path | None, environ: Mapping[str, str] | None) -> str | None:
+    """Where the database URL came from, for the one line that says so (never the URL's secrets)."""
+    if flag:
+        return "--database-url"
+    process = os.environ if environ is None else environ
+    for name in ("DATABASE_URL", "TURSO_URL"):
+        if process.get(name):
+            return f"${name}"
+        for file in reversed(ENV_FILES):
+            path = (cwd or Path.cwd()) / file
+            if path.is_file() and dotenv_values(path).get(name):
+                return f"{name} in {file}"
+    return None
 
 
 def _url_password(url: str | None) -> str | None:

@@ -25,7 +25,7 @@ from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.pool import QueuePool
 
 from backfill.config import Secret, Settings
-from backfill.errors import ConfigError
+from backfill.errors import ConfigError, EnvironmentProblem
 
 _FIX = "pass --database-url or set DATABASE_URL (or TURSO_URL and TURSO_AUTH_TOKEN)"
 
@@ -202,10 +202,15 @@ def _lenient_text(raw: bytes) -> str:
 
 def probe(engine: Engine, target: Target, settings: Settings | None = None) -> None:
     """Open one connection and run `SELECT 1`; any failure becomes a one-line ConfigError."""
+    # on SQLite the first read of the schema is what finds "file is not a database"
+    check = "SELECT count(*) FROM sqlite_master" if target.is_sqlite_family else "SELECT 1"
     try:
         with engine.connect() as conn:
-            conn.execute(sa.text("SELECT 1"))
+            conn.execute(sa.text(check))
     except Exception as exc:  # driver errors differ per backend (libSQL raises plain ValueError)
+        problem = environment_problem(exc, target)
+        if problem:
+            raise EnvironmentProblem(problem) from None
         raise ConfigError(f"cannot connect to {target.display}: {describe_error(exc, settings, target)}") from None
 
 
@@ -225,8 +230,49 @@ def describe_error(exc: BaseException, settings: Settings | None = None, target:
     if "password authentication failed" in lowered:
         return f"{text} (check the user and password in DATABASE_URL)"
     if "not a database" in lowered:
-        return f"{text} (the file is not a SQLite database)"
+        return f"{text} (not a SQLite database: check --database-url)"
     return text
+
+
+# --- the environment, not the input: full disk, read-only file or mount, no room for the journal ---
+
+_ENVIRONMENT = (
+    (re.compile(r"(?i)database or disk is full|no space left on device|could not extend file|disk quota exceeded"),
+     "the disk holding {where} is full: free some space, then run the same command again "
+     "(committed batches are kept)"),
+    (re.compile(r"(?i)attempt to write a readonly database|read-only file system|readonly database|"
+                r"read-only transaction|read only database"),
+     "{where} is read-only (the file, its folder or its mount): make it writable, or point "
+     "--database-url at a writable copy"),
+    (re.compile(r"(?i)unable to open database file|cannot open database file"),
+     "cannot open {where} or create its journal beside it: the folder must be writable and exist "
+     "(check permissions, chattr, a read-only mount)"),
+    (re.compile(r"(?i)disk i/o error"),
+     "disk I/O error on {where}: check the disk (space, mount, hardware), then run the same command again"),
+)
+
+
+def environment_problem(exc: BaseException, target: Target | None = None) -> str | None:
+    """One line naming the cause and the fix when `exc` (or what it wraps) is the machine's fault
+    (exit 5), not a bug; None otherwise."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        text = _text(current)
+        if isinstance(current, OSError) and current.errno in (28, 30):  # ENOSPC, EROFS
+            text += " no space left on device" if current.errno == 28 else " read-only file system"
+        for pattern, message in _ENVIRONMENT:
+            if pattern.search(text):
+                if target is None:
+                    where = "the database"
+                elif target.path is not None:
+                    where = str(target.path)
+                else:
+                    where = target.display
+                return message.format(where=where)
+        current = getattr(current, "orig", None) or current.__cause__ or current.__context__
+    return None
 
 
 # --- database faults: discard broken connections, retry transient errors ------------------------

@@ -8,14 +8,77 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shlex
 import sys
+import textwrap
+from datetime import datetime, timezone
 from typing import Any, TextIO
 
 import structlog
 
 from backfill.config import Settings
 
-_state: dict[str, Any] = {"json": False, "settings": None}
+_state: dict[str, Any] = {"json": False, "settings": None, "quiet": False, "told_source": False}
+WIDTH = 80  # human output fits a classic terminal
+
+
+def set_quiet(quiet: bool) -> None:
+    """-q/--quiet: no progress bar and no informational lines; errors still go to stderr."""
+    _state["quiet"] = quiet
+    if quiet:
+        import rich
+
+        rich.reconfigure(quiet=True)  # the progress bar draws on rich's global console
+
+
+def is_quiet() -> bool:
+    return bool(_state["quiet"])
+
+
+def colour_enabled(stream: TextIO) -> bool:
+    """Colour on a terminal only, and never when NO_COLOR is set (https://no-color.org)."""
+    if os.environ.get("NO_COLOR", "") != "":
+        return False
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+_STYLES = {"red": "1;31", "green": "32", "yellow": "33", "bold": "1"}
+
+
+def paint(text: str, style: str, stream: TextIO | None = None) -> str:
+    if not colour_enabled(stream or sys.stdout):
+        return text
+    return f"\x1b[{_STYLES[style]}m{text}\x1b[0m"
+
+
+VERDICT_STYLE = {"healthy": "green", "degraded": "yellow", "critical": "red"}
+
+
+def suggest(command: str) -> str:
+    """A command to type next, with the flags this invocation needed: `--database-url` when the URL
+    came from the command line (not from the environment or .env). Secrets in the URL are masked."""
+    settings: Settings | None = _state["settings"]
+    if settings is None or not settings.database_url_from_flag or not settings.database_url:
+        return command
+    from backfill.db import redact_url
+
+    return f"{command} --database-url {shlex.quote(settings.redact(redact_url(settings.database_url)))}"
+
+
+def tell_source(display: str) -> None:
+    """Once per command, in human mode (stdout, so an error stays the one line on stderr): which
+    database, and where its URL came from."""
+    settings: Settings | None = _state["settings"]
+    if _state["told_source"] or is_json() or is_quiet() or settings is None:
+        return
+    _state["told_source"] = True
+    source = settings.database_url_source or "the command line"
+    text = settings.redact(f"database: {display} (from {source})")
+    print(text, flush=True)
 
 
 def configure_logging(log_format: str = "auto", settings: Settings | None = None, stream: TextIO | None = None) -> bool:
@@ -24,6 +87,7 @@ def configure_logging(log_format: str = "auto", settings: Settings | None = None
     use_json = log_format == "json" or (log_format == "auto" and not stream.isatty())
     _state["json"] = use_json
     _state["settings"] = settings
+    _state["stream"] = stream
     processors: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
@@ -57,9 +121,15 @@ def event(name: str, **fields: Any) -> None:
         structlog.get_logger().info(name, **fields)
 
 
+def nothing(message: str, **fields: Any) -> None:
+    """Nothing to do (exit 0): the line for people, or a `nothing_to_do` event carrying the same message."""
+    say(message)
+    event("nothing_to_do", message=message, **fields)
+
+
 def say(text: str = "") -> None:
-    """A line for people (human mode only)."""
-    if not is_json():
+    """A line for people (human mode only; -q silences it)."""
+    if not is_json() and not is_quiet():
         print(text, flush=True)
 
 
@@ -68,32 +138,71 @@ def error(message: str, details: list[str] | None = None, exit_code: int = 2) ->
     if settings is not None:
         message = settings.redact(message)
         details = [settings.redact(d) for d in details or []]
-    if is_json():
+    if is_json():  # the JSON stream gets the event; stderr gets the line a person reads in a CI log
         print(json.dumps({"event": "error", "level": "error", "message": message, "details": details or [],
-                          "exit_code": exit_code}), flush=True)
-    else:
-        print(f"error: {message}", file=sys.stderr, flush=True)
-        for line in details or []:
-            print(f"  - {line}", file=sys.stderr, flush=True)
+                          "exit_code": exit_code, "timestamp": now_iso()}), flush=True)
+    print(f"{paint('error:', 'red', sys.stderr)} {message}", file=sys.stderr, flush=True)
+    for line in details or []:
+        print(f"  - {line}", file=sys.stderr, flush=True)
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def record(name: str, data: dict) -> None:
+    """A command's result object on the JSON stream, with `event`, `level` and `timestamp` like
+    every other line (`stats --json`, the last line of `up`)."""
+    settings: Settings | None = _state["settings"]
+    line = json.dumps({"event": name, "level": "info", "timestamp": now_iso(), **data}, default=str)
+    print(settings.redact(line) if settings is not None else line, flush=True)
+
+
+def wrap(text: str, indent: str = "", first: str | None = None) -> str:
+    """Wrap at word boundaries to fit WIDTH columns (never mid-word, never inside a `command`)."""
+    parts = text.split("`")
+    glued = "`".join(p.replace(" ", "\u00a0") if i % 2 else p for i, p in enumerate(parts))
+    out = textwrap.fill(glued, WIDTH - 1, initial_indent=indent if first is None else first,
+                        subsequent_indent=indent, break_long_words=False, break_on_hyphens=False)
+    return out.replace("\u00a0", " ")
+
+
+def duration(seconds: float | None) -> str:
+    """An ETA for people: 45s, 12m 5s, 3h 20m, 2d 4h; '-' when unknown."""
+    if seconds is None:
+        return "-"
+    s = int(round(max(seconds, 0)))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m {s % 60}s"
+    if s < 86400:
+        return f"{s // 3600}h {s % 3600 // 60}m"
+    return f"{s // 86400}d {s % 86400 // 3600}h"
 
 
 def stats_block(stats_dict: dict) -> str:
-    lines = []
-    scope = f" for {stats_dict['user_email']}" if stats_dict.get("user_email") else ""
-    lines.append(f"Embedding coverage{scope}")
+    """The coverage table, 80 columns wide: one row per table, then health and the next step."""
+    scope = f"for {stats_dict['user_email']}" if stats_dict.get("user_email") else "(all users)"
+    lines = [f"Embedding coverage {scope}",
+             f"  {'table':<9}{'total':>9}{'embedded':>10}{'missing':>9}{'malformed':>11}{'coverage':>10}  health"]
     for name, t in stats_dict["tables"].items():
-        lines.append(
-            f"  {name:<9} total {t['total']:>8}  with embedding {t['with_embedding']:>8}  "
-            f"missing {t['missing']:>7}  malformed {t['malformed']:>5}  coverage {t['coverage']:6.2f}%  {t['verdict']}"
-            + (f"  unaddressable {t['unaddressable']} (NULL key)" if t.get("unaddressable") else "")
-        )
-        if t.get("stale") or t.get("unknown"):
+        lines.append(f"  {name:<9}{t['total']:>9}{t['with_embedding']:>10}{t['missing']:>9}{t['malformed']:>11}"
+                     f"{t['coverage']:>9.2f}%  {paint(t['verdict'], VERDICT_STYLE.get(t['verdict'], 'bold'))}")
+        notes = []
+        if t.get("unaddressable"):
+            notes.append(f"unaddressable {t['unaddressable']} (NULL key, cannot be written)")
+        if t.get("stale"):
             why = ", ".join(f"{k} {v}" for k, v in t.get("stale_reasons", {}).items() if v)
-            lines.append(f"  {'':<9} stale {t['stale']:>8}{f' ({why})' if why else ''}  "
-                         f"unknown {t['unknown']:>8} (no provenance; --adopt-existing records it)")
-    lines.append(f"Health: {stats_dict['verdict']}")
+            notes.append(f"stale {t['stale']}{f' ({why})' if why else ''}")
+        if t.get("unknown"):
+            notes.append(f"unknown {t['unknown']} (no provenance; --adopt-existing records it)")
+        if notes:
+            lines.append(wrap("; ".join(notes), " " * 11))
+    verdict = stats_dict["verdict"]
+    lines.append(f"Health: {paint(verdict, VERDICT_STYLE.get(verdict, 'bold'))}")
     if stats_dict.get("recommendation"):
-        lines.append(f"Recommendation: {stats_dict['recommendation']}")
+        lines.append(wrap(f"Recommendation: {stats_dict['recommendation']}", "  "))
     return "\n".join(lines)
 
 
@@ -228,6 +337,7 @@ def final_block(outcome: Any, coverage: float | None, total_rows: int | None) ->
     done = outcome.status == "done"
     head = "Backfill complete!" if done and not outcome.failed else (
         "Backfill finished with failures" if done else f"Backfill stopped: {outcome.stop_reason}")
+    head = paint(head, "green" if done and not outcome.failed else ("yellow" if done else "red"))
     rows = [line, head, "", "Final Statistics:",
             f"   Total rows processed: {outcome.selected}",
             f"   Successfully generated: {outcome.embedded}",
@@ -248,9 +358,9 @@ def final_block(outcome: Any, coverage: float | None, total_rows: int | None) ->
         reasons = getattr(outcome, "failure_reasons", None)
         if reasons:
             rows += ["Top failure reasons:", *reason_lines(reasons, width=60)]
-            rows.append(f"All of them: backfill failures {outcome.job_id}")
-        rows.append("Re-run only these with: backfill retry-failed")
+            rows.append(f"All of them: {suggest(f'backfill failures {outcome.job_id}')}")
+        rows.append(f"Re-run only these with: {suggest(f'backfill retry-failed {outcome.job_id}')}")
     if outcome.status == "interrupted":
-        rows.append(f"Resume with: backfill resume {outcome.job_id}")
+        rows.append(f"Resume with: {suggest(f'backfill resume {outcome.job_id}')}")
     rows.append(line)
     return "\n".join(rows)

@@ -54,11 +54,13 @@ class Stats:
     @property
     def recommendation(self) -> str | None:
         low = [t.table for t in self.tables if t.verdict != "healthy"]
+        from backfill.report import suggest
+
         scope = f" -u {self.user_email}" if self.user_email else ""
         stale = sum(t.stale for t in self.tables)
         if not low:
-            return f"{stale} stale row(s): run `backfill run --reembed-stale{scope}`" if stale else None
-        return f"coverage below {HEALTHY_COVERAGE:.0f}% for {', '.join(low)}: run `backfill up{scope}`"
+            return f"{stale} stale row(s): run `{suggest('backfill run --reembed-stale' + scope)}`" if stale else None
+        return f"coverage below {HEALTHY_COVERAGE:.0f}% for {', '.join(low)}: run `{suggest('backfill up' + scope)}`"
 
     def as_dict(self) -> dict:
         return {
@@ -74,10 +76,18 @@ class Stats:
 
 def user_id_for(conn: Connection, email: str) -> str:
     """The id of the user with this email, or a ConfigError that says so (exit 2)."""
-    found = conn.execute(sa.select(users.c.id).where(users.c.email == email)).scalar_one_or_none()
-    if found is None:
+    wanted = email.strip()
+    rows = conn.execute(sa.select(users.c.id, users.c.email)
+                        .where(sa.func.lower(users.c.email) == wanted.lower())).all()
+    exact = [r.id for r in rows if r.email == wanted]
+    if len(exact) == 1:
+        return exact[0]
+    if len(rows) == 1:  # emails match case-insensitively, as people type them
+        return rows[0].id
+    if not rows:
         raise ConfigError(f"no user with email {email!r}: check -u/--user-email (see the users table)")
-    return found
+    raise ConfigError(f"{len(rows)} users have an email equal to {email!r} but for case "
+                      f"({', '.join(sorted(r.email for r in rows))}): give the exact one with -u")
 
 
 def _has_embedding_column(conn: Connection, spec: Spec) -> bool:

@@ -151,8 +151,10 @@ def test_cancel_closes_the_job_and_a_new_run_starts_fresh(tmp_path, cli):
         assert _job_rows(engine)[0]["status"] == "cancelled"
 
         again = cli("cancel", str(job_id), env={"DATABASE_URL": be.url})
-        assert again.code == 2 and "cancelled" in again.output and "Traceback" not in again.output
-        assert cli("resume", str(job_id), *RUN_ARGS, env=env).code == 2
+        # nothing to do is exit 0 with a line (issue 13 item 13; these were exit 2)
+        assert again.code == 0 and "already cancelled" in again.output and "Traceback" not in again.output
+        resumed = cli("resume", str(job_id), "--log-format", "human", env=env)
+        assert resumed.code == 0 and "nothing to resume" in resumed.stdout, resumed.output
         missing = cli("status", "999", "--log-format", "human", env={"DATABASE_URL": be.url})
         assert missing.code == 2 and len(missing.stderr.strip().splitlines()) == 1 and "999" in missing.stderr
 

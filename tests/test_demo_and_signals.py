@@ -26,7 +26,8 @@ def test_readme_demo_runs_offline_with_the_local_model(tmp_path, cli):
     up = cli("up", "--database-url", "demo.db", "--provider", "local", "--log-format", "human", cwd=tmp_path,
              env={"HF_HUB_OFFLINE": "1", "OPENAI_API_KEY": ""})
     assert up.code == 0, up.output[-2000:]
-    assert "Coverage: 100%" in up.stdout and "coverage 100.00%" in up.stdout
+    # the final block, then the stats table (its coverage column; issue 13 item 17 made it a table)
+    assert "Coverage: 100%" in up.stdout and "100.00%  healthy" in up.stdout
     engine = sa.create_engine(f"sqlite:///{tmp_path / 'demo.db'}")
     with engine.connect() as conn:
         dims = {len(json.loads(e)) for (e,) in conn.exec_driver_sql("SELECT embedding FROM memories")}

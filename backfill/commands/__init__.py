@@ -8,7 +8,7 @@ sample-db).
 from __future__ import annotations
 
 from backfill.commands.budget import plan
-from backfill.commands.database import migrate, open_database, stats, verify
+from backfill.commands.database import environment_problem, migrate, open_database, stats, verify
 from backfill.commands.jobs_view import cancel, list_jobs, status
 from backfill.commands.request import RunRequest
 from backfill.commands.runs import resume, retry_failed, run, up
@@ -17,6 +17,7 @@ from backfill.commands.tools import index, sample_db
 __all__ = [
     "RunRequest",
     "cancel",
+    "environment_problem",
     "index",
     "list_jobs",
     "migrate",

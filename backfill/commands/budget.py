@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import json
+from types import SimpleNamespace
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from backfill import jobs, report, runner
+from backfill import compat, jobs, report, runner, targets
 from backfill import plan as planning
 from backfill import stats as coverage
 from backfill.commands.database import open_database
-from backfill.commands.request import RunRequest, run_options, validate
+from backfill.commands.request import RunRequest, resolve_provider, run_options, validate
 from backfill.config import Settings
 from backfill.errors import ConfigError
 from backfill.providers import DEFAULT_MODEL
@@ -38,8 +38,6 @@ def open_cursors(engine: Engine, key: jobs.JobKey) -> dict[str, int]:
 
 def refuse_over_budget(engine: Engine, req: RunRequest, provider: Provider, options: runner.RunOptions,
                        key: jobs.JobKey) -> None:
-    if req.max_cost < 0:
-        raise ConfigError("--max-cost must be >= 0 (US dollars)")
     p = new_plan(req, provider.name, provider.model, provider.dimensions)
     p.price_per_mtok = provider.price_per_mtok
     planning.compute(engine, p, options, provider.fit, open_cursors(engine, key))
@@ -55,8 +53,21 @@ def refuse_over_budget(engine: Engine, req: RunRequest, provider: Provider, opti
         )
 
 
+def _refuse_like_run(engine: Engine, req: RunRequest, model: str, dims: int, user_id: str | None) -> None:
+    """`run` refuses to mix models or dimensions in one column (compat.ensure_compatible): say so now."""
+    wanted = SimpleNamespace(model=model, dimensions=dims)
+    with engine.connect() as conn:
+        for spec in targets.specs_for(req.target):
+            try:
+                compat.ensure_compatible(conn, spec, wanted, user_id)  # type: ignore[arg-type]
+            except ConfigError as exc:
+                raise ConfigError(f"`run` with these options would refuse to start: {exc.message}") from None
+
+
 def plan(settings: Settings, req: RunRequest) -> int:
-    """What `run` with the same options would do: rows, tokens, requests, cost, ETA. Sends nothing."""
+    """What `run` with the same options would do: rows, tokens, requests, cost, ETA. Sends nothing.
+    A run that would be refused (another model or dimension count in the column) is refused here too."""
+    req = resolve_provider(settings, req)
     validate(req)
     _target, engine = open_database(settings)
     with engine.connect() as conn:
@@ -82,9 +93,12 @@ def plan(settings: Settings, req: RunRequest) -> int:
     options = run_options(req, user_id)
     p = new_plan(req, name, model, dims)
     key = jobs.JobKey("run", req.target, user_id, name, model, dims, req.recipe)
-    planning.compute(engine, p, options, fit, open_cursors(engine, key))
+    cursors = open_cursors(engine, key)
+    if not cursors and not (req.reembed_all or req.reembed_stale):
+        _refuse_like_run(engine, req, model, dims, user_id)
+    planning.compute(engine, p, options, fit, cursors)
     if report.is_json():
-        print(json.dumps(p.as_dict()), flush=True)
+        report.record("plan", p.as_dict())
     else:
         report.say(planning.render(p))
     if req.max_cost is not None and p.cost_usd > req.max_cost:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
@@ -13,23 +11,52 @@ from backfill import stats as coverage
 from backfill.config import Settings
 from backfill.errors import ConfigError, SchemaDrift
 
+_opened: dict[str, db.Target] = {}  # the database this command opened, named by environment errors
 
-def open_database(settings: Settings, *, must_exist: bool = True) -> tuple[db.Target, Engine]:
-    """Resolve, create the engine and check it answers; never creates a file unless asked."""
+
+def open_database(settings: Settings, *, must_exist: bool = True,
+                  data_tables: bool = True) -> tuple[db.Target, Engine]:
+    """Resolve, create the engine and check it answers; never creates a file unless asked.
+    With `data_tables`, a database without the server's `memories` table is refused in one line."""
     target = db.resolve(settings.database_url, settings.auth_token)
+    _opened["target"] = target
+    report.tell_source(target.display)
     engine = db.engine_for(target, must_exist=must_exist)
     db.probe(engine, target, settings)
+    if data_tables:
+        require_data_tables(engine, target)
     return target, engine
+
+
+def require_data_tables(engine: Engine, target: db.Target) -> None:
+    """`memories` is what every command reads: an empty or foreign database gets one line, not
+    "no such table" (exit 70)."""
+    names = set(sa.inspect(engine).get_table_names())
+    if "memories" in names:
+        return
+    if not names:
+        raise ConfigError(f"{target.display} is empty (no mcp-memory-ts tables): check --database-url, or "
+                          f"create the schema there with `{report.suggest('backfill migrate --create')}`")
+    found = sorted(names)
+    shown = ", ".join(found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
+    raise SchemaDrift(f"{target.display} is not an mcp-memory-ts database (no memories table; found {shown}): "
+                      "check --database-url")
+
+
+def environment_problem(exc: BaseException) -> str | None:
+    """A full disk, read-only file or mount, or no room for the journal, named for this command's database."""
+    return db.environment_problem(exc, _opened.get("target"))
 
 
 def require_tables(engine: Engine) -> None:
     if not sa.inspect(engine).has_table("backfill_jobs"):
-        raise ConfigError("backfill's tables are missing: run `backfill migrate` (or `backfill up`) first")
+        raise ConfigError(f"backfill's tables are missing: run `{report.suggest('backfill migrate')}` "
+                          f"(or `{report.suggest('backfill up')}`) first")
 
 
 def migrate(settings: Settings, *, create: bool = False) -> int:
     """`create`: a missing file or an empty database gets the schema; otherwise both are refused (exit 2)."""
-    target, engine = open_database(settings, must_exist=not create)
+    target, engine = open_database(settings, must_exist=not create, data_tables=False)
     with locks.schema_lock(target, engine):  # concurrent `up`s migrate one after the other
         result = migrations.migrate(engine, create=create)
     messages = {
@@ -45,7 +72,7 @@ def migrate(settings: Settings, *, create: bool = False) -> int:
 
 
 def verify(settings: Settings) -> int:
-    _target, engine = open_database(settings)
+    _target, engine = open_database(settings, data_tables=False)  # an empty database is drift to report
     result = migrations.verify(engine)
     report.event("verify", ok=result.ok, revision=result.revision, head=result.head, differences=result.differences)
     if result.ok:
@@ -60,7 +87,7 @@ def stats(settings: Settings, *, user_email: str | None = None) -> int:
         result = coverage.collect(conn, user_email)
     data = result.as_dict()
     if report.is_json():
-        print(json.dumps(data), flush=True)
+        report.record("stats", data)
     else:
         report.say(report.stats_block(data))
     return 0

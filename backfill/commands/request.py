@@ -40,17 +40,68 @@ class RunRequest:
     price_per_mtok: float | None = None  # USD per 1M tokens, over the model's price table
 
 
+MAX_DIMENSIONS = 16_000  # more than any embedding model's vector (text-embedding-3-large: 3072)
+
+
+def resolve_provider(settings: Settings, req: RunRequest) -> RunRequest:
+    """--provider, else BACKFILL_PROVIDER (environment, .env.local, .env), else openai."""
+    req.provider = (req.provider or settings.provider or "openai").strip()
+    return req
+
+
 def validate(req: RunRequest) -> None:
+    """Every flag of `run`, `up` and `plan`, checked before anything is opened or written (exit 2)."""
+    if req.provider not in providers.PROVIDERS:
+        raise ConfigError(f"unknown provider {req.provider!r}: use --provider openai or --provider local")
     if req.target not in targets.TARGET_CHOICES:
         raise ConfigError(f"--target must be one of {', '.join(targets.TARGET_CHOICES)}")
     if req.recipe not in targets.RECIPES:
         raise ConfigError(f"--recipe must be one of {', '.join(targets.RECIPES)}")
+    if req.model is not None and not req.model.strip():
+        raise ConfigError("--model is empty: name a model (e.g. text-embedding-3-small) or drop --model")
+    if req.dimensions is not None and not 1 <= req.dimensions <= MAX_DIMENSIONS:
+        raise ConfigError(f"--dimensions must be between 1 and {MAX_DIMENSIONS:,} (or drop it for the model's own)")
+    if req.limit is not None and req.limit < 1:
+        raise ConfigError("--limit must be >= 1 (rows)")
+    if req.price_per_mtok is not None and req.price_per_mtok < 0:
+        raise ConfigError("--price-per-mtok must be >= 0 (US dollars per 1M tokens)")
+    if req.max_failed_ratio is not None and not 0.0 <= req.max_failed_ratio <= 1.0:
+        raise ConfigError("--max-failed-ratio must be between 0 and 1 (e.g. 0.01 for 1 %)")
+    if req.max_cost is not None and req.max_cost < 0:
+        raise ConfigError("--max-cost must be >= 0 (US dollars)")
+    validate_pacing(req)
+    mode = req.extra.get("mode", "sync")
+    if mode != "sync":
+        from backfill import batch
+
+        if mode not in batch.MODES:
+            raise ConfigError(f"--mode must be one of {', '.join(batch.MODES)}")
+        batch.validate(req.provider, int(req.extra.get("file_lines", batch.MAX_LINES)),
+                       float(req.extra.get("poll_interval", 60.0)))
+        if req.reembed_stale or req.vector_column:
+            raise ConfigError("--mode batch does not take --reembed-stale or --vector-column yet: run those in sync mode")
+
+
+def validate_pacing(req: RunRequest) -> None:
+    """The flags `resume` and `retry-failed` take too: how fast and how long, not what."""
     if not 1 <= req.batch_size <= packing.MAX_REQUEST_INPUTS:
         raise ConfigError(f"-b/--batch-size must be between 1 and {packing.MAX_REQUEST_INPUTS}")
     if not 1 <= req.concurrency <= 64:
         raise ConfigError("--concurrency must be between 1 and 64")
-    if req.delay_ms < 0 or (req.limit is not None and req.limit < 1):
-        raise ConfigError("-d/--delay-ms must be >= 0 and --limit >= 1")
+    if req.delay_ms < 0:
+        raise ConfigError("-d/--delay-ms must be >= 0")
+    if req.limit is not None and req.limit < 1:
+        raise ConfigError("--limit must be >= 1 (rows)")
+    if not req.timeout_s > 0:
+        raise ConfigError("--timeout must be > 0 seconds (per API request)")
+    if req.max_runtime_s is not None and not req.max_runtime_s > 0:
+        raise ConfigError("--max-runtime must be > 0 seconds (or drop it to run until done)")
+    for flag, value in (("--max-rpm", req.max_rpm), ("--max-tpm", req.max_tpm)):
+        if value is not None and not value > 0:
+            raise ConfigError(f"{flag} must be > 0 (or drop it to learn the limit from the provider's headers)")
+    poll = req.extra.get("poll_interval")
+    if poll is not None and not float(poll) > 0:
+        raise ConfigError("--poll-interval must be > 0 seconds")
 
 
 def run_options(req: RunRequest, user_id: str | None) -> runner.RunOptions:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from types import SimpleNamespace
 from typing import Any
 
 import sqlalchemy as sa
@@ -22,7 +23,7 @@ from backfill import (
     vectors,
 )
 from backfill import stats as coverage
-from backfill.commands.budget import refuse_over_budget
+from backfill.commands.budget import plan, refuse_over_budget
 from backfill.commands.database import (
     migrate,
     open_database,
@@ -31,36 +32,54 @@ from backfill.commands.database import (
     verify,
 )
 from backfill.commands.failures import top_reasons
-from backfill.commands.jobs_view import pick_job
 from backfill.commands.request import (
     RunRequest,
     build_provider,
     from_job,
+    resolve_provider,
     run_options,
     validate,
+    validate_pacing,
 )
 from backfill.config import Settings
 from backfill.errors import ConfigError, Interrupted, LeaseHeld, RowsFailed
-from backfill.providers.base import FatalProviderError, Provider
+from backfill.providers import DEFAULT_MODEL
+from backfill.providers.base import DEFAULT_DIMENSIONS, FatalProviderError, Provider
 
 
 def _claim(engine: Engine, job: jobs.Job, worker: str, req: RunRequest) -> jobs.Job:
-    deadline = time.monotonic() + req.wait_timeout_s
+    """Take the job's lease. With --wait: say so once, then wait quietly, for at most --max-runtime
+    (else `wait_timeout_s`); still held then, exit 4."""
+    started = time.monotonic()
+    bound = req.wait_timeout_s if req.max_runtime_s is None else min(req.wait_timeout_s, req.max_runtime_s)
+    told = False
     while True:
         try:
-            return db.retrying(engine, lambda conn: jobs.claim(conn, jobs.get(conn, job.id), worker))
-        except LeaseHeld:
-            if not req.wait or time.monotonic() >= deadline:
+            claimed = db.retrying(engine, lambda conn: jobs.claim(conn, jobs.get(conn, job.id), worker))
+        except LeaseHeld as exc:
+            waited = time.monotonic() - started
+            if not req.wait:
                 raise
-            report.say(f"job {job.id} is busy; waiting for its worker to finish")
-            report.event("job_busy", job=job.id, waiting=True)
-            time.sleep(2.0)
+            if waited >= bound:
+                raise LeaseHeld(f"{exc.message.split(';')[0]}; still held after waiting {waited:.0f} s"
+                                f"{' (--max-runtime)' if req.max_runtime_s is not None else ''}") from None
+            if not told:
+                told = True
+                report.say(f"job {job.id} is busy (another worker holds it); waiting up to "
+                           f"{report.duration(bound)} for it to finish")
+                report.event("job_busy", job=job.id, waiting=True, wait_s=bound)
+            time.sleep(min(2.0, max(bound - waited, 0.05)))
+            continue
+        if req.max_runtime_s is not None and told:  # the wait counts against --max-runtime
+            req.max_runtime_s = max(req.max_runtime_s - (time.monotonic() - started), 0.001)
+        return claimed
 
 
 def _drive(settings: Settings, engine: Engine, job: jobs.Job, provider: Provider, req: RunRequest,
            options: runner.RunOptions, *, retry: bool = False, runner_class: Callable[..., Any] | None = None) -> int:
     worker = jobs.worker_identity()
     job = _claim(engine, job, worker, req)
+    options.max_runtime_s = req.max_runtime_s
     stop = stopping.StopFlag()
     with engine.connect() as conn:
         if retry:
@@ -79,7 +98,7 @@ def _drive(settings: Settings, engine: Engine, job: jobs.Job, provider: Provider
         status = "cancelled" if reason == "cancelled" else ("interrupted" if reason else "done")
     except FatalProviderError as exc:
         reason = str(exc)
-        raise ConfigError(f"{exc} (job {job.id} is resumable: backfill resume {job.id})") from None
+        raise ConfigError(f"{exc} (job {job.id} is resumable: {report.suggest(f'backfill resume {job.id}')})") from None
     except KeyboardInterrupt:
         if not stop.aborted:
             reason = "KeyboardInterrupt"
@@ -99,6 +118,8 @@ def _drive(settings: Settings, engine: Engine, job: jobs.Job, provider: Provider
         cov = coverage.collect(conn, job.user_email, with_stale=False)
         outcome.failure_reasons = [{**r, "reason": settings.redact(r["reason"])} for r in top_reasons(conn, job.id)]
     outcome.status, outcome.stop_reason = status, reason
+    if retry:  # a retry selects no new rows: what it processed is what it wrote or failed again
+        outcome.selected = outcome.embedded + len(outcome.failed_ids)
     outcome.failed = int(final.failed)
     if not outcome.failed_ids and outcome.failed:
         with engine.connect() as conn:
@@ -115,14 +136,16 @@ def _drive(settings: Settings, engine: Engine, job: jobs.Job, provider: Provider
                  failure_reasons=outcome.failure_reasons)
     report.say(report.final_block(outcome, pct, total_rows))
     if status == "interrupted" and stop.signalled:
-        raise Interrupted(f"job {job.id} interrupted; resume with `backfill resume {job.id}`")
+        raise Interrupted(f"job {job.id} interrupted; resume with `{report.suggest(f'backfill resume {job.id}')}`")
     if status == "done" and final.failed and _tolerated(req, final.failed, final.selected):
         report.say(f"{final.failed} of {final.selected} row(s) failed, within --max-failed-ratio "
-                   f"{req.max_failed_ratio}: exit 0 (re-run them with `backfill retry-failed {job.id}`)")
+                   f"{req.max_failed_ratio}: exit 0 (re-run them with "
+                   f"`{report.suggest(f'backfill retry-failed {job.id}')}`)")
         report.event("failures_tolerated", job=job.id, failed=final.failed, selected=final.selected,
                      max_failed_ratio=req.max_failed_ratio)
     elif status == "done" and final.failed:
-        raise RowsFailed(f"job {job.id}: {final.failed} row(s) failed; re-run them with `backfill retry-failed {job.id}`")
+        raise RowsFailed(f"job {job.id}: {final.failed} row(s) failed; re-run them with "
+                         f"`{report.suggest(f'backfill retry-failed {job.id}')}`")
     return 0
 
 
@@ -156,24 +179,21 @@ def _tolerated(req: RunRequest, failed: int, selected: int) -> bool:
 
 
 def run(settings: Settings, req: RunRequest) -> int:
+    req = resolve_provider(settings, req)
     validate(req)
     mode = req.extra.get("mode", "sync")
-    if mode != "sync":
-        from backfill import batch
-
-        if mode not in batch.MODES:
-            raise ConfigError(f"--mode must be one of {', '.join(batch.MODES)}")
-        batch.validate(req.provider, int(req.extra.get("file_lines", batch.MAX_LINES)),
-                       float(req.extra.get("poll_interval", 60.0)))
-        if req.reembed_stale or req.vector_column:
-            raise ConfigError("--mode batch does not take --reembed-stale or --vector-column yet: run those in sync mode")
     target, engine = open_database(settings)
     if req.vector_column:
         vectors.check_backend(target.kind, req.vector_column)
     require_tables(engine)
     with engine.connect() as conn:
         user_id = coverage.user_id_for(conn, req.user_email) if req.user_email else None
-    provider = build_provider(settings, req)
+    _refuse_mixing(engine, req, user_id)  # before "nothing to do": another model in the column is refused
+    if not req.adopt_existing and _nothing_to_do(engine, req, user_id):
+        report.nothing("nothing to embed: every row in scope has its embedding (no job recorded)",
+                       target=req.target, user_email=req.user_email)
+        return 0
+    provider = req.extra.pop("provider", None) or build_provider(settings, req)
     req.model = provider.model
     options = run_options(req, user_id)
     key = jobs.JobKey("run", req.target, user_id, provider.name, provider.model, provider.dimensions, req.recipe)
@@ -223,13 +243,92 @@ def _adopt(engine: Engine, job: jobs.Job, provider: Provider, req: RunRequest, u
         report.event("adopted", job=job.id, target=spec.name, rows=n)
 
 
+def _identity(req: RunRequest) -> tuple[str, str, int]:
+    """The provider, model and dimensions a run would write, without a key or a request."""
+    prov = req.extra.get("provider")
+    if prov is None and req.provider == "local":
+        prov = req.extra["provider"] = build_provider(Settings(), req)  # offline, no key; loads in < 1 s
+    if prov is not None:
+        return prov.name, prov.model, prov.dimensions
+    model = req.model or DEFAULT_MODEL
+    dims = req.dimensions or DEFAULT_DIMENSIONS.get(model)
+    if not dims:
+        raise ConfigError(f"unknown dimensions for model {model!r}: pass --dimensions N")
+    return req.provider, model, dims
+
+
+def _open_job(engine: Engine, req: RunRequest, user_id: str | None) -> jobs.Job | None:
+    if not sa.inspect(engine).has_table("backfill_jobs"):
+        return None
+    name, model, dims = _identity(req)
+    with engine.connect() as conn:
+        return jobs.find_open(conn, jobs.JobKey("run", req.target, user_id, name, model, dims, req.recipe))
+
+
+def _refuse_mixing(engine: Engine, req: RunRequest, user_id: str | None) -> None:
+    """One model per column (compat.ensure_compatible), asked without a key; `run` asks again under
+    the job lock."""
+    if req.reembed_all or req.reembed_stale or _open_job(engine, req, user_id) is not None:
+        return
+    _name, model, dims = _identity(req)
+    with engine.connect() as conn:
+        for spec in targets.specs_for(req.target):
+            compat.ensure_compatible(conn, spec, SimpleNamespace(model=model, dimensions=dims),  # type: ignore[arg-type]
+                                     user_id)
+
+
+def _nothing_to_do(engine: Engine, req: RunRequest, user_id: str | None) -> bool:
+    """No open job for these parameters and no row in scope that needs (or, with --reembed-*, deserves)
+    a vector: then no key is needed and no job row is recorded."""
+    _name, model, dims = _identity(req)
+    if _open_job(engine, req, user_id) is not None:
+        return False
+    inspector = sa.inspect(engine)
+    opts = runner.RunOptions(target=req.target, user_id=user_id, reembed_all=req.reembed_all,
+                             reembed_stale=req.reembed_stale and inspector.has_table("backfill_embeddings"),
+                             model=model, recipe=req.recipe)
+    with engine.connect() as conn:
+        return not any(runner.count_remaining(conn, spec, dims, opts, 0) for spec in targets.specs_for(req.target))
+
+
+def _preflight(settings: Settings, req: RunRequest) -> None:
+    """`up`: everything that can refuse the run, checked before `migrate` writes anything: the flags
+    (done by the caller), the backend, the user, the key and provider, one model per column."""
+    target = db.resolve(settings.database_url, settings.auth_token)
+    if req.vector_column:
+        vectors.check_backend(target.kind, req.vector_column)
+    if target.path is not None and not target.path.exists():
+        return  # `migrate` decides what a missing file means; nothing of it can be embedded yet
+    _target, engine = open_database(settings, data_tables=False)
+    if not sa.inspect(engine).has_table("memories"):
+        return  # empty or foreign: `migrate` decides; nothing to embed here either
+    with engine.connect() as conn:
+        user_id = coverage.user_id_for(conn, req.user_email) if req.user_email else None
+    _refuse_mixing(engine, req, user_id)
+    if req.provider == "openai" and not settings.openai_api_key:
+        if req.adopt_existing or not _nothing_to_do(engine, req, user_id):
+            build_provider(settings, req)  # the missing-key refusal, before anything is written
+        return  # nothing to embed: no key needed
+    req.extra["provider"] = req.extra.get("provider") or build_provider(settings, req)
+
+
 def resume(settings: Settings, job_id: int | None, req: RunRequest) -> int:
+    validate_pacing(req)
     _target, engine = open_database(settings)
+    if not sa.inspect(engine).has_table("backfill_jobs") and job_id is None:
+        report.nothing(f"no jobs yet: nothing to resume (start one with `{report.suggest('backfill up')}`)",
+                       command="resume")
+        return 0
     require_tables(engine)
     with engine.connect() as conn:
-        job = pick_job(conn, job_id, jobs.OPEN_STATUSES, "open")
+        job = jobs.get(conn, job_id) if job_id is not None else jobs.latest(conn, jobs.OPEN_STATUSES)
+    if job is None:
+        report.nothing(f"no open job: nothing to resume (start one with `{report.suggest('backfill up')}`)", command="resume")
+        return 0
     if job.status not in jobs.OPEN_STATUSES:
-        raise ConfigError(f"job {job.id} is {job.status}; nothing to resume (start a new one with `backfill run`)")
+        report.nothing(f"job {job.id} is {job.status}: nothing to resume", command="resume", job=job.id,
+                       status=job.status)
+        return 0
     req = from_job(job, req)
     provider = build_provider(settings, req)
     report.say(f"resuming job {job.id} from its last committed batch")
@@ -238,7 +337,11 @@ def resume(settings: Settings, job_id: int | None, req: RunRequest) -> int:
 
 
 def retry_failed(settings: Settings, job_id: int | None, req: RunRequest) -> int:
+    validate_pacing(req)
     _target, engine = open_database(settings)
+    if not sa.inspect(engine).has_table("backfill_jobs") and job_id is None:
+        report.nothing("no jobs yet: nothing to retry", command="retry-failed")
+        return 0
     require_tables(engine)
     with engine.connect() as conn:
         if job_id is None:
@@ -246,13 +349,14 @@ def retry_failed(settings: Settings, job_id: int | None, req: RunRequest) -> int
                 "SELECT job_id FROM backfill_failures WHERE kind = 'failed' AND resolved = :f ORDER BY job_id DESC LIMIT 1"
             ), {"f": False}).first()
             if row is None:
-                report.say("no recorded failures: nothing to retry")
+                report.nothing("no recorded failures: nothing to retry", command="retry-failed")
                 return 0
             job_id = int(row[0])
         job = jobs.get(conn, job_id)
         pending = len(jobs.open_failures(conn, job.id))
     if not pending:
-        report.say(f"job {job.id} has no unresolved failures")
+        report.nothing(f"job {job.id} has no unresolved failures: nothing to retry", command="retry-failed",
+                       job=job.id)
         return 0
     req = from_job(job, req)
     provider = build_provider(settings, req)
@@ -261,7 +365,13 @@ def retry_failed(settings: Settings, job_id: int | None, req: RunRequest) -> int
 
 
 def up(settings: Settings, req: RunRequest) -> int:
-    """migrate -> verify -> run (resuming the open job) -> stats; stops at the first failing step."""
+    """migrate -> verify -> run (resuming the open job) -> stats; stops at the first failing step.
+    Every flag, the key and the provider are checked before `migrate` touches anything."""
+    if req.extra.get("dry_run"):
+        return plan(settings, req)
+    req = resolve_provider(settings, req)
+    validate(req)
+    _preflight(settings, req)
     migrate(settings)
     verify(settings)
     try:

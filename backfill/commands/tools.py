@@ -24,6 +24,11 @@ def index(settings: Settings, column: str, target: str = "all") -> int:
 
 
 def sample_db(settings: Settings, *, memories: int, entities: int, dimensions: int, seed: int) -> int:
+    for flag, value, low in (("--memories", memories, 0), ("--entities", entities, 0), ("--dimensions", dimensions, 1)):
+        if value < low:
+            raise ConfigError(f"{flag} must be >= {low}, not {value}")
+    if dimensions > 16_000:
+        raise ConfigError(f"--dimensions must be <= 16,000, not {dimensions}")
     target = db.resolve(settings.database_url, settings.auth_token)
     if target.path is not None and target.path.exists():
         raise ConfigError(f"{target.path} already exists: pick a new file name")
