@@ -332,3 +332,14 @@ def test_a_migration_killed_at_any_statement_leaves_a_database_migrate_finishes(
         assert result.ok, (k, result.differences)
         fts_integrity(victim)
         victim.unlink()
+
+
+@pytest.mark.parametrize("shape", ["as-shipped", "startup-only"])
+def test_up_refuses_a_missing_key_before_migrate_touches_the_servers_database(tmp_path, cli, shape):
+    path = server_made(tmp_path, shape)
+    digest = _sha(path)
+    result = cli("up", "--database-url", str(path), "--model", "text-embedding-3-small", "--dimensions",
+                 str(SERVER_DIMS), "--log-format", "human")
+    assert result.code == 2, result.output
+    assert "OPENAI_API_KEY" in result.stderr and "Traceback" not in result.output
+    assert _sha(path) == digest

@@ -11,6 +11,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from backfill import (
+    adoption,
     compat,
     db,
     jobs,
@@ -265,14 +266,21 @@ def _open_job(engine: Engine, req: RunRequest, user_id: str | None) -> jobs.Job 
         return jobs.find_open(conn, jobs.JobKey("run", req.target, user_id, name, model, dims, req.recipe))
 
 
+def _columnless(engine: Engine) -> set[str]:
+    """Tables whose `embedding` column `migrate` has yet to add (a database the server's startup alone made)."""
+    with engine.connect() as conn:
+        return {table for table, _column in adoption.missing_added_columns(conn)}
+
+
 def _refuse_mixing(engine: Engine, req: RunRequest, user_id: str | None) -> None:
     """One model per column (compat.ensure_compatible), asked without a key; `run` asks again under
     the job lock."""
     if req.reembed_all or req.reembed_stale or _open_job(engine, req, user_id) is not None:
         return
     _name, model, dims = _identity(req)
+    columnless = _columnless(engine)  # no column yet: no vector in it to mix with
     with engine.connect() as conn:
-        for spec in targets.specs_for(req.target):
+        for spec in (s for s in targets.specs_for(req.target) if s.name not in columnless):
             compat.ensure_compatible(conn, spec, SimpleNamespace(model=model, dimensions=dims),  # type: ignore[arg-type]
                                      user_id)
 
@@ -283,6 +291,8 @@ def _nothing_to_do(engine: Engine, req: RunRequest, user_id: str | None) -> bool
     _name, model, dims = _identity(req)
     if _open_job(engine, req, user_id) is not None:
         return False
+    if any(spec.name in _columnless(engine) for spec in targets.specs_for(req.target)):
+        return False  # a table without its embedding column yet: every row of it will need one
     inspector = sa.inspect(engine)
     opts = runner.RunOptions(target=req.target, user_id=user_id, reembed_all=req.reembed_all,
                              reembed_stale=req.reembed_stale and inspector.has_table("backfill_embeddings"),
