@@ -92,14 +92,14 @@ def test_ci_stage_fails_only_above_max_failed_ratio(db, tmp_path, poisoned, code
 def test_ci_stage_fails_on_schema_drift_before_writing_anything(db, tmp_path, cli):
     assert cli("migrate", "--database-url", db.url).code == 0
     with db.engine().begin() as conn:
-        conn.exec_driver_sql("ALTER TABLE memories ADD COLUMN surprise TEXT")
+        conn.exec_driver_sql("ALTER TABLE memories RENAME COLUMN tags TO labels")  # a column backfill reads
     before = needing(db.engine())
     with FakeOpenAI() as server:
         result = _sh(recipe("ci-stage"), _env(server, db.url), tmp_path)
         assert server.stats()["requests"] == 0
     assert result.returncode == 1, result.stdout + result.stderr
     events = _lines(tmp_path / "backfill.jsonl")
-    assert events[-1]["exit_code"] == 1 and "surprise" in json.dumps(events[-1]["details"])
+    assert events[-1]["exit_code"] == 1 and "memories.tags" in json.dumps(events[-1]["details"])
     assert not any(e.get("event") == "job_finished" for e in events)
     assert needing(db.engine()) == before
 
