@@ -286,7 +286,7 @@ class Progress:
         if self.total and self.count > self.total:
             self._bar.update(self._task, total=self.count)
         fields: dict[str, Any] = dict(completed=self.count, rate=rate, tokens=self.tokens + self.live_tokens,
-                                      eta="-:--:--" if eta is None else duration(eta))
+                                      eta="-:--:--" if eta is None else clock(eta))
         if description:
             fields["description"] = description
         self._bar.update(self._task, **fields)
@@ -314,8 +314,8 @@ class Progress:
         )
 
 
-def duration(seconds: float) -> str:
-    """H:MM:SS."""
+def clock(seconds: float) -> str:
+    """H:MM:SS, for the progress bar's ETA."""
     s = int(round(seconds))
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 

@@ -64,7 +64,8 @@ def test_failures_lists_each_row_with_reason_and_attempts_and_the_top_reasons(fa
     assert any(line.split()[:3] == ["memories", str(first[0]), "1"] for line in lines), human.stdout
     assert "... and 8 more" in human.stdout and "Top failure reasons:" in human.stdout
     assert f"{max(counts.values()):>6} x " in human.stdout
-    assert all(len(line) <= 80 for line in lines), human.stdout
+    # the first line names the database and where its URL came from: a path as long as it is
+    assert all(len(line) <= 80 for line in lines if not line.startswith("database: ")), human.stdout
 
     # the same reasons in the final block of the run and in `status`
     assert "Top failure reasons:" in up.stdout and "    10 x " in up.stdout and "     3 x " in up.stdout
@@ -81,7 +82,7 @@ def test_failures_lists_each_row_with_reason_and_attempts_and_the_top_reasons(fa
         assert cli("retry-failed", env=env_for(server, be.url)).code == 0
     assert _failure_rows(engine) == []
     again = cli("failures", str(job_id), "--log-format", "human", env={"DATABASE_URL": be.url})
-    assert again.code == 0 and again.stdout.strip() == f"job {job_id} has no recorded failures"
+    assert again.code == 0 and again.stdout.strip().splitlines()[-1] == f"job {job_id} has no recorded failures"
     none = cli("failures", "--log-format", "human", env={"DATABASE_URL": be.url})
     assert none.code == 0 and none.stdout.strip() == "no recorded failures"
     empty = cli("failures", str(job_id), "--json", env={"DATABASE_URL": be.url})

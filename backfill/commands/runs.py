@@ -313,6 +313,9 @@ def _preflight(settings: Settings, req: RunRequest) -> None:
     if not sa.inspect(engine).has_table("memories"):
         return  # empty or foreign: `migrate` decides; nothing to embed here either
     with engine.connect() as conn:
+        if adoption.problems(conn):
+            return  # a needed column is missing or unusable: `migrate` (or `verify`) refuses, naming it
+    with engine.connect() as conn:
         user_id = coverage.user_id_for(conn, req.user_email) if req.user_email else None
     _refuse_mixing(engine, req, user_id)
     if req.provider == "openai" and not settings.openai_api_key:
