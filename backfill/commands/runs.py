@@ -291,7 +291,8 @@ def _nothing_to_do(engine: Engine, req: RunRequest, user_id: str | None) -> bool
     _name, model, dims = _identity(req)
     if _open_job(engine, req, user_id) is not None:
         return False
-    if any(spec.name in _columnless(engine) for spec in targets.specs_for(req.target)):
+    columnless = _columnless(engine)
+    if any(spec.name in columnless for spec in targets.specs_for(req.target)):
         return False  # a table without its embedding column yet: every row of it will need one
     inspector = sa.inspect(engine)
     opts = runner.RunOptions(target=req.target, user_id=user_id, reembed_all=req.reembed_all,
