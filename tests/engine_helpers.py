@@ -26,6 +26,22 @@ def build(engine: sa.Engine, memories: int, entities: int, seed: int = 7) -> Non
     sample.build(engine, sample.SampleSpec(memories=memories, entities=entities, dimensions=DIMS, seed=seed))
 
 
+def poison(engine: sa.Engine, limit: int) -> list[int]:
+    """The first `limit` memories that need a vector, titled so the fake server rejects them
+    (`FakeOpenAI(fail_inputs=["POISON"])`); their ids."""
+    with engine.connect() as conn:
+        ids = [r[0] for r in conn.execute(sa.text(
+            "SELECT id FROM memories WHERE embedding IS NULL OR embedding IN ('', '[]') ORDER BY id LIMIT :n"),
+            {"n": limit})]
+    poison_ids(engine, ids)
+    return ids
+
+
+def poison_ids(engine: sa.Engine, ids: list[int]) -> None:
+    with engine.begin() as conn:
+        conn.execute(sa.text("UPDATE memories SET title = 'POISON ' || title WHERE id = :i"), [{"i": i} for i in ids])
+
+
 def env_for(server, database_url: str) -> dict[str, str]:
     return {"OPENAI_API_KEY": "sk-test-not-a-real-key", "OPENAI_BASE_URL": server.base_url, "DATABASE_URL": database_url}
 

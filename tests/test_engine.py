@@ -20,7 +20,7 @@ from backfill.testing.fake_openai import FakeOpenAI
 from conftest import ROOT, make_backend
 from engine_helpers import (
     DIMS, RUN_ARGS, assert_vectors_match_recipe, build, checksum_other_columns, embeddings, env_for, is_vector, needing,
-    check_counters, rows_by_text,
+    check_counters, poison, rows_by_text,
 )
 
 
@@ -97,12 +97,7 @@ def test_rejected_inputs_become_failures_and_retry_failed_sends_only_them(engine
     be = engine_backend
     engine = be.engine()
     build(engine, memories=300, entities=0)
-    with engine.connect() as conn:
-        poisoned = [r[0] for r in conn.exec_driver_sql(
-            "SELECT id FROM memories WHERE embedding IS NULL OR embedding IN ('', '[]') ORDER BY id LIMIT 3")]
-    with engine.begin() as conn:
-        for rid in poisoned:
-            conn.execute(sa.text("UPDATE memories SET title = 'POISON ' || title WHERE id = :i"), {"i": rid})
+    poisoned = poison(engine, 3)
     with FakeOpenAI(fail_inputs=["POISON"]) as server:
         env = env_for(server, be.url)
         first = cli("up", *RUN_ARGS, "--target", "memories", "--log-format", "human", "-b", "50", env=env)

@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from backfill.testing.fake_openai import FakeOpenAI
 
 from conftest import make_backend
-from engine_helpers import RUN_ARGS, build, env_for, needing
+from engine_helpers import RUN_ARGS, build, env_for, needing, poison_ids
 
 ARGS = [*RUN_ARGS, "--target", "memories", "-b", "10", "--concurrency", "1", "--timeout", "2"]
 
@@ -31,8 +31,7 @@ def failed_job(tmp_path, cli):
     build(engine, memories=60, entities=0, seed=3)
     todo = sorted(i for t, i in needing(engine) if t == "memories")
     poisoned = todo[20:23]
-    with engine.begin() as conn:
-        conn.execute(sa.text("UPDATE memories SET title = 'POISON ' || title WHERE id = :i"), [{"i": i} for i in poisoned])
+    poison_ids(engine, poisoned)
     with FakeOpenAI(fail_inputs=["POISON"]) as server:
         server.push_faults("500", "500", "500", "500")  # the first request (10 rows) fails every attempt
         result = cli("up", *ARGS, "--log-format", "human", env=env_for(server, be.url))

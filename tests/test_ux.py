@@ -21,7 +21,7 @@ import sqlalchemy as sa
 from backfill.testing.fake_openai import FakeOpenAI
 
 from conftest import ROOT, make_backend
-from engine_helpers import RUN_ARGS, build, env_for
+from engine_helpers import RUN_ARGS, build, env_for, poison
 
 NO_KEY = {"OPENAI_API_KEY": ""}
 
@@ -221,12 +221,7 @@ def test_retry_failed_counts_what_it_processed_and_suggestions_carry_the_databas
     be = make_backend("sqlite", tmp_path)
     engine = be.engine()
     build(engine, memories=120, entities=0)
-    with engine.connect() as conn:
-        poisoned = [r[0] for r in conn.exec_driver_sql(
-            "SELECT id FROM memories WHERE embedding IS NULL OR embedding IN ('', '[]') ORDER BY id LIMIT 4")]
-    with engine.begin() as conn:
-        for rid in poisoned:
-            conn.execute(sa.text("UPDATE memories SET title = 'POISON ' || title WHERE id = :i"), {"i": rid})
+    poisoned = poison(engine, 4)
     with FakeOpenAI(fail_inputs=["POISON"]) as server:
         env = {k: v for k, v in env_for(server, be.url).items() if k != "DATABASE_URL"}
         first = cli("up", "--database-url", be.url, *RUN_ARGS, "--target", "memories", "--log-format", "human",
