@@ -1,7 +1,8 @@
 """SQLAlchemy Core tables: the mcp-memory-ts data tables (baseline) and the tool's own.
 
-`data_metadata` describes revision 0001 (what `baseline.py` creates); `metadata` describes head
-and is what `verify` compares the live database against.
+The data tables list the columns the tool reads and writes (and what `sample.py` fills); a live
+database may hold more, which the tool leaves alone (`adoption.py` checks the ones it needs).
+`verify` compares only the tool's own `backfill_*` tables with this metadata.
 """
 
 from __future__ import annotations
@@ -132,8 +133,7 @@ sa.Index("idx_memories_user_archived", memories.c.user_id, memories.c.is_archive
 sa.Index("idx_memories_created", memories.c.created_at.desc())
 sa.Index("idx_memories_user_updated", memories.c.user_id, memories.c.updated_at.desc())
 # An expression index: DATE() of TEXT is not IMMUTABLE on PostgreSQL, where revision 0001 indexes
-# substr(created_at, 1, 10) instead. Neither side can be compared by Alembic (see migrate.py).
-EXPRESSION_INDEXES = {"idx_interactions_user_date"}
+# substr(created_at, 1, 10) instead.
 sa.Index(
     "idx_interactions_user_date", interactions.c.user_id, sa.func.date(interactions.c.created_at)
 ).ddl_if(dialect="sqlite")
