@@ -9,7 +9,8 @@ is recorded before it is sent, so nothing is lost or paid twice.
 from __future__ import annotations
 
 import time
-from typing import IO, Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import IO, Any
 
 import openai
 

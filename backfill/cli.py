@@ -11,7 +11,8 @@ import enum
 import os
 import signal
 import sys
-from typing import Annotated, Callable, Optional
+from collections.abc import Callable
+from typing import Annotated
 
 import typer
 
@@ -69,7 +70,7 @@ def flag(*names: str, help: str, panel: str = CORE) -> typer.models.OptionInfo: 
 
 
 DatabaseUrl = Annotated[
-    Optional[str],
+    str | None,
     typer.Option(
         "--database-url",
         help="Database: a file path, sqlite:///FILE, sqlite+libsql:///FILE, libsql://HOST, postgresql://…  "
@@ -90,7 +91,7 @@ LogFormat = Annotated[
 ]
 JsonFlag = Annotated[bool, flag("--json", help="Print one JSON object instead of text.", panel=OUTPUT)]
 UserEmail = Annotated[
-    Optional[str], typer.Option("-u", "--user-email", rich_help_panel=CORE,
+    str | None, typer.Option("-u", "--user-email", rich_help_panel=CORE,
                                 help="Only this user's rows (matched ignoring case; an unknown email is an error).")
 ]
 
@@ -211,15 +212,15 @@ def stats(
     )
 
 
-Provider = Annotated[Optional[str], typer.Option(
+Provider = Annotated[str | None, typer.Option(
     "--provider", rich_help_panel=CORE, show_default=False,
     help="openai (any OpenAI-compatible API) or local (offline, no key). "
     "[default: $BACKFILL_PROVIDER (also from .env.local / .env), else openai]")]
-Model = Annotated[Optional[str], typer.Option("--model", rich_help_panel=CORE,
+Model = Annotated[str | None, typer.Option("--model", rich_help_panel=CORE,
                                               help="Embedding model [default: text-embedding-3-small].")]
-Dimensions = Annotated[Optional[int], typer.Option("--dimensions", rich_help_panel=CORE,
+Dimensions = Annotated[int | None, typer.Option("--dimensions", rich_help_panel=CORE,
                                                    help="Vector size (text-embedding-3-* can shorten).")]
-BaseUrl = Annotated[Optional[str], typer.Option("--base-url", rich_help_panel=CORE,
+BaseUrl = Annotated[str | None, typer.Option("--base-url", rich_help_panel=CORE,
                                                 help="OpenAI-compatible API root [default: $OPENAI_BASE_URL].")]
 Target = Annotated[str, typer.Option("--target", help="memories, entities or all.", rich_help_panel=CORE)]
 BatchSize = Annotated[int, typer.Option("-b", "--batch-size", rich_help_panel=PACING,
@@ -227,17 +228,17 @@ BatchSize = Annotated[int, typer.Option("-b", "--batch-size", rich_help_panel=PA
 DelayMs = Annotated[int, typer.Option("-d", "--delay-ms", rich_help_panel=PACING,
                                       help="Extra pause between requests, in ms (pacing follows the quota without it).")]
 Concurrency = Annotated[int, typer.Option("--concurrency", help="Requests in flight at once.", rich_help_panel=PACING)]
-Limit = Annotated[Optional[int], typer.Option("--limit", rich_help_panel=PACING,
+Limit = Annotated[int | None, typer.Option("--limit", rich_help_panel=PACING,
                                               help="Stop after this many rows (the job stays resumable).")]
-MaxRuntime = Annotated[Optional[float], typer.Option(
+MaxRuntime = Annotated[float | None, typer.Option(
     "--max-runtime", rich_help_panel=PACING,
     help="Stop after this many seconds (resumable); also bounds the wait of --wait.")]
 Recipe = Annotated[str, typer.Option("--recipe", rich_help_panel=CORE,
                                      help="Text recipe: mcp-memory-ts/1 (the server's) or unicode/1.")]
 ReembedAll = Annotated[bool, flag("--reembed-all", help="Re-embed every row in scope, e.g. to change model.")]
-MaxRpm = Annotated[Optional[float], typer.Option("--max-rpm", rich_help_panel=PACING,
+MaxRpm = Annotated[float | None, typer.Option("--max-rpm", rich_help_panel=PACING,
                                                  help="Requests per minute [default: learned from headers].")]
-MaxTpm = Annotated[Optional[float], typer.Option("--max-tpm", rich_help_panel=PACING,
+MaxTpm = Annotated[float | None, typer.Option("--max-tpm", rich_help_panel=PACING,
                                                  help="Tokens per minute [default: learned from headers].")]
 Timeout = Annotated[float, typer.Option("--timeout", help="Seconds per API request.", rich_help_panel=PACING)]
 Wait = Annotated[bool, flag("--wait", panel=PACING, help="If another worker holds the job, wait for it (at most "
@@ -258,23 +259,23 @@ ReembedStale = Annotated[bool, flag(
 AdoptExisting = Annotated[bool, flag(
     "--adopt-existing", help="Record provenance (today's text hash) for vectors embedded before this tool, "
     "without re-embedding them, so later edits count as stale.")]
-MaxFailedRatio = Annotated[Optional[float], typer.Option(
+MaxFailedRatio = Annotated[float | None, typer.Option(
     "--max-failed-ratio", rich_help_panel=PACING,
     help="Exit 3 only when failed/selected rows exceed this ratio "
     "(e.g. 0.01); at or below it failures are reported and the exit is 0. [default: any failure exits 3]")]
-VectorColumn = Annotated[Optional[str], typer.Option(
+VectorColumn = Annotated[str | None, typer.Option(
     "--vector-column", rich_help_panel=CORE,
     help="libSQL only: also write each vector into this native F32_BLOB(dims) column "
     "(added if missing) via vector32(); then run `backfill index`.")]
-MaxCost = Annotated[Optional[float], typer.Option(
+MaxCost = Annotated[float | None, typer.Option(
     "--max-cost", rich_help_panel=PACING,
     help="Refuse (exit 2, before any request) when the plan costs more than this many US dollars.")]
-PricePerMtok = Annotated[Optional[float], typer.Option(
+PricePerMtok = Annotated[float | None, typer.Option(
     "--price-per-mtok", rich_help_panel=PACING,
     help="USD per 1M tokens, overriding the model's price table (e.g. a negotiated rate).")]
 DryRun = Annotated[bool, flag("--dry-run", help="Only plan: the same as `backfill plan` with these options "
                               "(nothing is migrated, written or sent).")]
-JobArg = Annotated[Optional[int], typer.Argument(help="Job id [default: the latest matching job].", show_default=False)]
+JobArg = Annotated[int | None, typer.Argument(help="Job id [default: the latest matching job].", show_default=False)]
 
 
 def _request(provider: str | None, model, dimensions, target, user_email, batch_size, delay_ms, concurrency, limit,  # noqa: ANN001

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import json
 import math
-from typing import TYPE_CHECKING, Any, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
@@ -69,8 +70,8 @@ def known_vectors(engine: Engine, spec: targets.Spec, hashes: Sequence[str], *, 
     return found
 
 
-def reduce(engine: Engine, spec: targets.Spec, items: list["Item"], result: "PageResult", *, model: str,
-           dimensions: int, recipe: str, user_id: str | None, across_jobs: bool = True) -> list["Item"]:
+def reduce(engine: Engine, spec: targets.Spec, items: list[Item], result: PageResult, *, model: str,
+           dimensions: int, recipe: str, user_id: str | None, across_jobs: bool = True) -> list[Item]:
     """The items that must be sent; copies are recorded in `result` (vectors, copies, tokens_saved)."""
     hashes = {i.row_id: result.hashes[i.row_id] for i in items}
     known = known_vectors(engine, spec, list(hashes.values()), model=model, dimensions=dimensions, recipe=recipe,
@@ -91,7 +92,7 @@ def reduce(engine: Engine, spec: targets.Spec, items: list["Item"], result: "Pag
     return send
 
 
-def spread(result: "PageResult") -> None:
+def spread(result: PageResult) -> None:
     """Give each copy its representative's vector, or its error when that one failed."""
     for row_id, source in result.copies.items():
         if source in result.vectors:

@@ -10,8 +10,8 @@ The ETA is the larger of requests / rpm and tokens / tpm, at the limits given or
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterator
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine

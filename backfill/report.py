@@ -12,7 +12,7 @@ import os
 import shlex
 import sys
 import textwrap
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, TextIO
 
 import structlog
@@ -147,7 +147,7 @@ def error(message: str, details: list[str] | None = None, exit_code: int = 2) ->
 
 
 def now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
+    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
 
 
 def record(name: str, data: dict) -> None:
@@ -228,13 +228,14 @@ class Progress:
         self.label = label
         self._lock = threading.Lock()
 
-    def __enter__(self) -> "Progress":
+    def __enter__(self) -> Progress:
         import time
 
         self.started = time.monotonic()
         event("job_started", job=self.job_id, rows_to_do=self.total)
         if not is_json():
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn
+            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn
+            from rich.progress import Progress as Bar
 
             self._bar = Bar(
                 TextColumn("[bold]job {task.fields[job]}[/] {task.description}"),

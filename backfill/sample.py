@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import random
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
@@ -92,13 +92,13 @@ def create_legacy_schema(engine: Engine) -> None:
         else:
             data = [metadata.tables[name] for name in baseline.DATA_TABLES]
             metadata.create_all(conn, tables=data)
-        now = datetime(2025, 1, 1, tzinfo=timezone.utc).isoformat()
+        now = datetime(2025, 1, 1, tzinfo=UTC).isoformat()
         conn.execute(sa.text("INSERT INTO schema_version (version, applied_at) VALUES (2, :t)"), {"t": now})
 
 
 def fill(engine: Engine, spec: SampleSpec) -> None:
     rng = random.Random(spec.seed)
-    start = datetime(2025, 3, 1, 9, 0, tzinfo=timezone.utc)
+    start = datetime(2025, 3, 1, 9, 0, tzinfo=UTC)
 
     def stamp(i: int) -> str:
         # the server's format: JavaScript's toISOString()

@@ -14,16 +14,17 @@ rows are read in keyset pages (a LEFT JOIN on provenance, never OFFSET) and hash
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from backfill import db, targets
-from backfill.stopping import LIMIT_REACHED
 from backfill.schema import backfill_embeddings as prov
 from backfill.schema import backfill_jobs
+from backfill.stopping import LIMIT_REACHED
 
 if TYPE_CHECKING:  # pragma: no cover
     from backfill.runner import Runner
@@ -153,7 +154,7 @@ def remaining(conn: Connection, spec: targets.Spec, ref: Reference, user_id: str
                for row in rows if wanted(spec, row, ref))
 
 
-def pages(runner: "Runner", spec: targets.Spec, cursor: int) -> Iterator[list[sa.Row]]:
+def pages(runner: Runner, spec: targets.Spec, cursor: int) -> Iterator[list[sa.Row]]:
     """The runner's enumerator for `--reembed-stale`: pages of rows that need or deserve a new vector.
 
     Fresh rows are scanned past; the job's cursor is the last row handed out, so a resume rescans at

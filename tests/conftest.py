@@ -1,6 +1,6 @@
 """Real backends for every test: a stdlib SQLite file, an embedded libSQL file, a real
 PostgreSQL (started by `.ci/run` via scripts/pg-start, URL in BACKFILL_TEST_PG) and a remote libSQL
-URL served on loopback by the project's Hrana server (`backfill.testing.libsql_server`)."""
+URL served on loopback by the project's Hrana server (`support.libsql_server`)."""
 
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ def make_backend(name: str, tmp_path: Path) -> Backend:
         path = tmp_path / "memory-libsql.db"
         return Backend(name, f"sqlite+libsql:///{path}", path)
     if name == "remote-libsql":
-        from backfill.testing.libsql_server import LibsqlServer
+        from support.libsql_server import LibsqlServer
 
         path = tmp_path / "memory-remote.db"
         server = LibsqlServer(str(path), idle_timeout=10.0).start()  # sqld expires idle streams after ~10 s

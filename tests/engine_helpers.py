@@ -9,8 +9,8 @@ import sqlalchemy as sa
 
 from backfill import sample, targets
 from backfill.providers.openai import OpenAIProvider
-from backfill.testing.fake_openai import fake_vector
 from backfill.tokens import truncate
+from support.fake_openai import fake_vector
 
 DIMS = 16
 MODEL = "text-embedding-3-small"

@@ -12,10 +12,9 @@ import sqlalchemy as sa
 from backfill import targets
 from backfill.schema import memories
 from backfill.tokens import MAX_INPUT_TOKENS
-from backfill.testing.fake_openai import FakeOpenAI, count_tokens, fake_vector
-
 from conftest import make_backend
 from engine_helpers import DIMS, MODEL, RUN_ARGS, build, embeddings, env_for, expected_text
+from support.fake_openai import FakeOpenAI, count_tokens, fake_vector
 
 NOW = "2025-01-01T00:00:00.000Z"
 BAD_VECTORS = ["[1, 2,", '{"a": 1}', '[1, "x"]', "[0.1, 0.2]", "not json", " [] "]

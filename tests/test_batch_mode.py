@@ -16,12 +16,19 @@ import pytest
 import sqlalchemy as sa
 
 from backfill import targets
-from backfill.testing.fake_openai import FakeOpenAI, fake_vector
-
 from conftest import ROOT, make_backend
 from engine_helpers import (
-    DIMS, MODEL, RUN_ARGS, assert_vectors_match_recipe, build, checksum_other_columns, env_for, expected_text, needing,
+    DIMS,
+    MODEL,
+    RUN_ARGS,
+    assert_vectors_match_recipe,
+    build,
+    checksum_other_columns,
+    env_for,
+    expected_text,
+    needing,
 )
+from support.fake_openai import FakeOpenAI, fake_vector
 
 BATCH = ["--mode", "batch", "--poll-interval", "0.05"]
 

@@ -13,10 +13,9 @@ import urllib.request
 import numpy as np
 import pytest
 
-from backfill.testing.fake_openai import FakeOpenAI
-
 from conftest import make_backend
 from engine_helpers import RUN_ARGS, build, embeddings, env_for, expected_text, needing
+from support.fake_openai import FakeOpenAI
 
 E5_MODEL = "multilingual-e5-small-q4"
 

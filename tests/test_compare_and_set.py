@@ -14,10 +14,9 @@ import time
 import pytest
 import sqlalchemy as sa
 
-from backfill.testing.fake_openai import FakeOpenAI, fake_vector
-
 from conftest import ROOT, make_backend
 from engine_helpers import DIMS, MODEL, RUN_ARGS, build, env_for, expected_text
+from support.fake_openai import FakeOpenAI, fake_vector
 
 EDITED = [1, 2, 3, 4, 5]
 DELETED = [6, 7, 8]

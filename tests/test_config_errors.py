@@ -9,8 +9,7 @@ import pytest
 
 from backfill import sample
 from backfill.db import engine_for, resolve
-from backfill.testing.libsql_server import LibsqlServer
-
+from support.libsql_server import LibsqlServer
 
 SECRET = "tok-SUPER-SECRET-4242"
 

@@ -12,10 +12,9 @@ import time
 
 import sqlalchemy as sa
 
-from backfill.testing.fake_openai import FakeOpenAI
-
 from conftest import ROOT, make_backend
 from engine_helpers import RUN_ARGS, assert_vectors_match_recipe, build, env_for, needing
+from support.fake_openai import FakeOpenAI
 
 ARGS = [*RUN_ARGS, "--target", "memories", "-b", "5", "--concurrency", "1"]
 

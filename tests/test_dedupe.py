@@ -7,10 +7,9 @@ import json
 import random
 
 from backfill import tokens
-from backfill.testing.fake_openai import FakeOpenAI, fake_vector
-
 from conftest import make_backend
 from engine_helpers import DIMS, MODEL, RUN_ARGS, build, env_for, expected_text, needing
+from support.fake_openai import FakeOpenAI, fake_vector
 
 TEXT_COLUMNS = ("title", "content", "memory_type", "tags")
 

@@ -12,10 +12,9 @@ import time
 import pytest
 import sqlalchemy as sa
 
-from backfill.testing.fake_openai import FakeOpenAI
-
 from conftest import ROOT, make_backend
 from engine_helpers import RUN_ARGS, build, env_for, needing
+from support.fake_openai import FakeOpenAI
 
 
 def test_readme_demo_runs_offline_with_the_local_model(tmp_path, cli):

@@ -15,13 +15,22 @@ import time
 import pytest
 import sqlalchemy as sa
 
-from backfill.testing.fake_openai import FakeOpenAI
-
 from conftest import ROOT, make_backend
 from engine_helpers import (
-    DIMS, RUN_ARGS, assert_vectors_match_recipe, build, checksum_other_columns, embeddings, env_for, is_vector, needing,
-    check_counters, poison, rows_by_text,
+    DIMS,
+    RUN_ARGS,
+    assert_vectors_match_recipe,
+    build,
+    check_counters,
+    checksum_other_columns,
+    embeddings,
+    env_for,
+    is_vector,
+    needing,
+    poison,
+    rows_by_text,
 )
+from support.fake_openai import FakeOpenAI
 
 
 def _jobs(engine):

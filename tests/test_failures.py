@@ -8,10 +8,9 @@ import json
 import pytest
 import sqlalchemy as sa
 
-from backfill.testing.fake_openai import FakeOpenAI
-
 from conftest import make_backend
 from engine_helpers import RUN_ARGS, build, env_for, needing, poison_ids
+from support.fake_openai import FakeOpenAI
 
 ARGS = [*RUN_ARGS, "--target", "memories", "-b", "10", "--concurrency", "1", "--timeout", "2"]
 

@@ -9,7 +9,7 @@ import socket
 import openai
 import pytest
 
-from backfill.testing.fake_openai import FakeOpenAI, FakeOpenAIAdmin, fake_vector
+from support.fake_openai import FakeOpenAI, FakeOpenAIAdmin, fake_vector
 
 MODEL = "text-embedding-3-small"
 

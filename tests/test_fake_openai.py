@@ -1,4 +1,4 @@
-"""Tests for backfill.testing.fake_openai, driven through the real ``openai`` SDK (no mocks)."""
+"""Tests for support.fake_openai, driven through the real ``openai`` SDK (no mocks)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from backfill.testing.fake_openai import (
+from support.fake_openai import (
     FakeOpenAI,
     FakeOpenAIAdmin,
     _Bucket,
@@ -431,9 +431,9 @@ def test_configure_rejects_unknown_and_bad_values(srv):
 
 
 def test_cli_entry_point_serves_and_stops_on_sigterm():
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ, PYTHONPATH=str(REPO / "tests") + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "backfill.testing.fake_openai", "--port", "0", "--rpm", "100",
+        [sys.executable, "-m", "support.fake_openai", "--port", "0", "--rpm", "100",
          "--fail-input", "NOPE", "--fault-kinds", "500,503", "--api-key", "k1"],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )

@@ -8,10 +8,9 @@ from __future__ import annotations
 import pytest
 import sqlalchemy as sa
 
-from backfill.testing.fake_openai import FakeOpenAI
-
 from conftest import make_backend
 from engine_helpers import RUN_ARGS, assert_vectors_match_recipe, build, embeddings, env_for, is_vector, needing
+from support.fake_openai import FakeOpenAI
 
 ARGS = [*RUN_ARGS, "--target", "memories", "-b", "10", "--concurrency", "1", "--timeout", "2"]
 

@@ -1,4 +1,4 @@
-"""The loopback libSQL remote server (backfill.testing.libsql_server), exercised for real.
+"""The loopback libSQL remote server (support.libsql_server), exercised for real.
 
 The SQLAlchemy tests go through the real client stack: ``sqlite+libsql://`` ->
 sqlalchemy-libsql -> libsql_experimental -> Hrana over HTTP -> the server (a child
@@ -26,7 +26,7 @@ from alembic.operations import Operations
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import create_engine, inspect, text
 
-from backfill.testing.libsql_server import LibsqlServer, split_sql
+from support.libsql_server import LibsqlServer, split_sql
 
 TOKEN = "s3cret-test-token-5d1f"
 ROOT = Path(__file__).resolve().parents[1]
@@ -339,9 +339,9 @@ def test_two_connections_share_the_file(server: LibsqlServer) -> None:
 
 
 def test_cli_prints_url_and_stops_on_sigterm(db_path: str) -> None:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT / "tests"), os.environ.get("PYTHONPATH")])))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "backfill.testing.libsql_server", db_path, "--port", "0", "--auth-token", TOKEN],
+        [sys.executable, "-m", "support.libsql_server", db_path, "--port", "0", "--auth-token", TOKEN],
         stdout=subprocess.PIPE,
         stdin=subprocess.DEVNULL,
         env=env,

@@ -13,10 +13,9 @@ import textwrap
 import pytest
 import sqlalchemy as sa
 
-from backfill.testing.fake_openai import FakeOpenAI, fake_vector
-
 from conftest import make_backend, run_cli
 from engine_helpers import DIMS, MODEL, RUN_ARGS, build, env_for, expected_text
+from support.fake_openai import FakeOpenAI, fake_vector
 
 WRITER = textwrap.dedent("""
     import json, random, sqlite3, sys, time

@@ -11,9 +11,8 @@ import pytest
 import sqlalchemy as sa
 
 from backfill import baseline, sample
-from backfill.schema import DATA_TABLE_NAMES
 from backfill.migrate import head_revision
-
+from backfill.schema import DATA_TABLE_NAMES
 from conftest import ROOT
 
 SMALL = sample.SampleSpec(memories=120, entities=40, dimensions=8)

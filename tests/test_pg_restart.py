@@ -17,10 +17,9 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from backfill.testing.fake_openai import FakeOpenAI
-
 from conftest import ROOT
 from engine_helpers import RUN_ARGS, assert_vectors_match_recipe, build, env_for, needing
+from support.fake_openai import FakeOpenAI
 
 PG_BIN = Path(os.environ.get("BACKFILL_PG_BIN", "/usr/lib/postgresql/15/bin"))
 

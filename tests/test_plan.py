@@ -7,10 +7,9 @@ import json
 
 import pytest
 
-from backfill.testing.fake_openai import FakeOpenAI
-
 from conftest import make_backend
 from engine_helpers import RUN_ARGS, build, embeddings, env_for, needing
+from support.fake_openai import FakeOpenAI
 
 PRICE = 0.37  # USD per 1M tokens, deliberately not the table's
 

@@ -22,9 +22,8 @@ import sqlalchemy as sa
 
 from backfill import migrate as migrations
 from backfill.db import engine_for, resolve
-from backfill.testing.fake_openai import FakeOpenAI
-
 from engine_helpers import is_vector
+from support.fake_openai import FakeOpenAI
 
 FIXTURE = Path(__file__).parent / "fixtures" / "mcp-memory-ts-1.7.5-server-made.db"
 ORIGINAL_TABLES = ("users", "entities", "memories", "interactions", "schema_version", "api_usage_tracking")

@@ -15,10 +15,9 @@ from pathlib import Path
 import pytest
 
 from backfill import sample, targets
-from backfill.testing.fake_openai import FakeOpenAI
-
 from conftest import ROOT, make_backend
 from engine_helpers import embeddings, is_vector
+from support.fake_openai import FakeOpenAI
 
 DIMS = 1536  # the README's commands use the default model, text-embedding-3-small
 

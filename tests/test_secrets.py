@@ -16,11 +16,10 @@ import sqlalchemy as sa
 
 from backfill.config import Secret
 from backfill.db import engine_for, resolve
-from backfill.testing.fake_openai import FakeOpenAI
-from backfill.testing.libsql_server import LibsqlServer
-
 from conftest import ROOT, make_backend
 from engine_helpers import RUN_ARGS, build
+from support.fake_openai import FakeOpenAI
+from support.libsql_server import LibsqlServer
 
 API_KEY = "sk-LEAKCHECK-apikey-7f3a9c1e"
 TOKEN = "tok-LEAKCHECK-libsql-5e1b77d0"

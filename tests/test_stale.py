@@ -8,10 +8,9 @@ import json
 
 import pytest
 
-from backfill.testing.fake_openai import FakeOpenAI, fake_vector
-
 from conftest import make_backend
 from engine_helpers import DIMS, MODEL, RUN_ARGS, build, embeddings, env_for, expected_text
+from support.fake_openai import FakeOpenAI, fake_vector
 
 
 def _stats(cli, url: str) -> dict:

@@ -12,13 +12,20 @@ import time
 from collections import Counter
 
 from backfill import targets
-from backfill.testing.fake_openai import FakeOpenAI
-
 from conftest import ROOT, make_backend
 from engine_helpers import (
-    RUN_ARGS, assert_vectors_match_recipe, build, embeddings, env_for, expected_text, is_vector, needing,
-    check_counters, rows_by_text,
+    RUN_ARGS,
+    assert_vectors_match_recipe,
+    build,
+    check_counters,
+    embeddings,
+    env_for,
+    expected_text,
+    is_vector,
+    needing,
+    rows_by_text,
 )
+from support.fake_openai import FakeOpenAI
 
 
 def _texts(engine, rows: set[tuple[str, int]]) -> Counter:

@@ -16,10 +16,9 @@ import sqlalchemy as sa
 
 from backfill import targets
 from backfill.schema import memories
-from backfill.testing.fake_openai import FakeOpenAI, fake_vector
-
 from conftest import make_backend
 from engine_helpers import DIMS, MODEL, RUN_ARGS, build, env_for
+from support.fake_openai import FakeOpenAI, fake_vector
 
 NOW = "2025-01-01T00:00:00.000Z"
 

@@ -16,12 +16,10 @@ import time
 from pathlib import Path
 
 import pytest
-import sqlalchemy as sa
-
-from backfill.testing.fake_openai import FakeOpenAI
 
 from conftest import ROOT, make_backend
 from engine_helpers import RUN_ARGS, build, env_for, poison
+from support.fake_openai import FakeOpenAI
 
 NO_KEY = {"OPENAI_API_KEY": ""}
 

@@ -11,10 +11,9 @@ import random
 import libsql_experimental as libsql
 import sqlalchemy as sa
 
-from backfill.testing.fake_openai import FakeOpenAI
-
 from conftest import make_backend
 from engine_helpers import RUN_ARGS, build, env_for, is_vector
+from support.fake_openai import FakeOpenAI
 
 COLUMN = "embedding_vec"
 

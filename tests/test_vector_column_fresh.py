@@ -6,15 +6,13 @@ refreshes every cell that differs from its row's JSON. Real libSQL files, the re
 from __future__ import annotations
 
 import json
-import shutil
 
 import libsql_experimental as libsql
 import sqlalchemy as sa
 
-from backfill.testing.fake_openai import FakeOpenAI, fake_vector
-
 from conftest import make_backend
 from engine_helpers import DIMS, MODEL, RUN_ARGS, build, env_for, expected_text
+from support.fake_openai import FakeOpenAI, fake_vector
 
 COLUMN = "ev"
 

@@ -14,10 +14,9 @@ import time
 import pytest
 import sqlalchemy as sa
 
-from backfill.testing.fake_openai import FakeOpenAI
-
 from conftest import ROOT, make_backend
-from engine_helpers import RUN_ARGS, assert_vectors_match_recipe, build, env_for, is_vector, embeddings, needing
+from engine_helpers import RUN_ARGS, assert_vectors_match_recipe, build, embeddings, env_for, is_vector, needing
+from support.fake_openai import FakeOpenAI
 
 
 def _popen(env: dict, *args: str) -> subprocess.Popen:

@@ -3,7 +3,7 @@ no network). Stored rows are documents, so texts go through e5's `passage:` path
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from backfill.providers.base import Embedded, check_vectors
 

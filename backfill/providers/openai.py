@@ -7,7 +7,7 @@ schedule (3 retries, 1/2/4 s backoff) except that a server's `retry-after` wins.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import openai
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt

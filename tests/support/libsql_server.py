@@ -10,7 +10,7 @@ libSQL database.
 Important: ``libsql_experimental`` keeps the GIL while it waits on the network,
 so a server running on a thread of the *same* process as the client would
 never get to answer.  :class:`LibsqlServer` therefore runs the server in a
-child process by default (``python -m backfill.testing.libsql_server``) and
+child process by default (``python -m support.libsql_server``) and
 talks to it through small loopback control endpoints for :meth:`drop_next` and
 :attr:`requests`.  ``in_process=True`` runs it on a thread instead, which is
 only usable by clients that release the GIL (plain HTTP clients, for example).
@@ -25,7 +25,7 @@ Usage::
 
 Command line::
 
-    python -m backfill.testing.libsql_server DB_PATH --port 0 --auth-token T
+    python -m support.libsql_server DB_PATH --port 0 --auth-token T
 
 prints one line ``{"url": "libsql://127.0.0.1:PORT?tls=0"}`` and serves until
 SIGTERM/SIGINT.
@@ -888,7 +888,7 @@ class LibsqlServer:
 
     # -- lifecycle
 
-    def start(self) -> "LibsqlServer":
+    def start(self) -> LibsqlServer:
         if self.port is not None:
             return self
         if self.in_process:
@@ -913,7 +913,7 @@ class LibsqlServer:
         return self
 
     def _start_subprocess(self) -> None:
-        package_root = str(Path(__file__).resolve().parents[2])
+        package_root = str(Path(__file__).resolve().parents[1])  # tests/: `support` is importable from there
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
         env[_CONTROL_ENV] = self._control_token
@@ -923,7 +923,7 @@ class LibsqlServer:
         if self.debug:
             env[_DEBUG_ENV] = "1"
         cmd = [
-            sys.executable, "-m", "backfill.testing.libsql_server", self.db_path,
+            sys.executable, "-m", "support.libsql_server", self.db_path,
             "--port", str(self._requested_port),
             "--idle-timeout", str(self.idle_timeout),
             "--parent-pid", str(os.getpid()),
@@ -967,7 +967,7 @@ class LibsqlServer:
                 proc.stdout.close()
         self.port = None
 
-    def __enter__(self) -> "LibsqlServer":
+    def __enter__(self) -> LibsqlServer:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -1056,7 +1056,7 @@ def _watch_parent(pid: int, stop: threading.Event) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m backfill.testing.libsql_server",
+        prog="python -m support.libsql_server",
         description="Serve an SQLite file as a libSQL remote (Hrana over HTTP) on 127.0.0.1.",
     )
     parser.add_argument("db_path")
