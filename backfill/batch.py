@@ -34,7 +34,7 @@ from typing import IO, Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from backfill import db, jobs, packing, report, stopping, targets, writer
+from backfill import db, jobs, packing, report, stopping, tables, writer
 from backfill import runner as _runner
 from backfill import vectors as _vectors
 from backfill.batch_api import ENDPOINT, TERMINAL, BatchApi
@@ -155,7 +155,7 @@ class BatchRunner:
         with self.engine.connect() as conn:
             return sum(_runner.count_remaining(conn, spec, self.job.dimensions, self.options,
                                                self.cursors.get(spec.name, 0))
-                       for spec in targets.specs_for(self.job.target)) == 0
+                       for spec in tables.specs_for(self.job.target)) == 0
 
     # --- plan -----------------------------------------------------------------------------
     def _plan_next(self) -> int | None:
@@ -167,7 +167,7 @@ class BatchRunner:
         size = 0
         cursors = dict(self.cursors)
         with self.engine.begin() as conn:
-            for spec in targets.specs_for(self.job.target):
+            for spec in tables.specs_for(self.job.target):
                 if self._full(chunks, size) or self._limit_left(len(skipped), chunks) == 0:
                     break
                 size += self._plan_spec(conn, spec, cursors, chunks, skipped, size)
@@ -200,7 +200,7 @@ class BatchRunner:
                      cursors=cursors)
         return batch_id
 
-    def _plan_spec(self, conn: Connection, spec: targets.Spec, cursors: dict[str, int],
+    def _plan_spec(self, conn: Connection, spec: tables.Spec, cursors: dict[str, int],
                    chunks: list[tuple[str, list[int], int]], skipped: list[tuple[str, int]], size: int) -> int:
         """Consume this table's rows after its cursor into `chunks`; returns the bytes added."""
         cursor = cursors.get(spec.name, 0)
@@ -212,16 +212,16 @@ class BatchRunner:
             if left == 0:
                 break
             rows = conn.execute(
-                sa.select(*targets.select_columns(spec))
+                sa.select(*tables.select_columns(spec))
                 .where(spec.key > cursor, _runner.needing(spec, self.dialect, self.job.dimensions, self.options),
-                       *targets.scope(spec, self.options.user_id))
+                       *tables.scope(spec, self.options.user_id))
                 .order_by(spec.key).limit(_PAGE if left is None else min(_PAGE, left))
             ).all()
             if not rows:
                 break
             for row in rows:
                 rid = int(row[0])
-                text = targets.recipe_text(spec, row._mapping, self.options.recipe)
+                text = tables.recipe_text(spec, row._mapping, self.options.recipe)
                 if not text:
                     skipped.append((spec.name, rid))
                     cursor = rid
@@ -300,19 +300,19 @@ class BatchRunner:
             for ch in conn.execute(sa.select(chunks_t).where(chunks_t.c.batch_id == b["id"],
                                                              chunks_t.c.state == "planned")
                                    .order_by(chunks_t.c.id)).mappings().all():
-                spec = targets.SPECS[ch["target"]]
+                spec = tables.SPECS[ch["target"]]
                 rows = conn.execute(
-                    sa.select(*targets.select_columns(spec))
+                    sa.select(*tables.select_columns(spec))
                     .where(spec.key.in_(json.loads(ch["row_ids"])),
                            _runner.needing(spec, self.dialect, self.job.dimensions, self.options),
-                           *targets.scope(spec, self.options.user_id))
+                           *tables.scope(spec, self.options.user_id))
                     .order_by(spec.key)
                 ).all()
                 ids, texts, hashes, tokens = [], [], [], 0
                 for row in rows:
-                    text = targets.recipe_text(spec, row._mapping, self.options.recipe)
+                    text = tables.recipe_text(spec, row._mapping, self.options.recipe)
                     if text:
-                        hashes.append(targets.content_hash(text))  # of the full recipe text, as the sync path
+                        hashes.append(tables.content_hash(text))  # of the full recipe text, as the sync path
                         text, count, _cut = self.provider.fit(text)
                         ids.append(int(row[0]))
                         texts.append(text)
@@ -447,7 +447,7 @@ class BatchRunner:
                 else:
                     result.failures.update((rid, error or "unknown error") for rid in ids)
             for target, result in results.items():
-                spec = targets.SPECS[target]
+                spec = tables.SPECS[target]
                 if result.vectors:
                     self._write_vectors(conn, spec, result, hashes[target])
                 jobs.upsert_failures(conn, self.job.id, [
@@ -472,12 +472,12 @@ class BatchRunner:
             o.failed_ids.extend((target, rid) for rid in result.failures)
             self.progress.batch(self, target, list(result.vectors) + list(result.failures), result, None)
 
-    def _write_vectors(self, conn: Connection, spec: targets.Spec, result: _runner.PageResult,
+    def _write_vectors(self, conn: Connection, spec: tables.Spec, result: _runner.PageResult,
                        hashes: dict[int, str]) -> None:
         """Compare-and-set as the sync path (writer.current): rows edited or deleted since their text was
         uploaded keep what the server wrote; `result` records written, changed and gone rows."""
         still_needs = None if (self.options.reembed_all or self.options.reembed_stale) else \
-            targets.needs_embedding(spec, self.dialect, self.job.dimensions)
+            tables.needs_embedding(spec, self.dialect, self.job.dimensions)
         fresh, result.changed, result.gone = writer.current(
             conn, spec, self.options.user_id, {rid: hashes[rid] for rid in result.vectors},
             recipe=self.options.recipe, still_needs=still_needs)

@@ -7,13 +7,13 @@ from __future__ import annotations
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from backfill import targets
+from backfill import tables
 from backfill.errors import ConfigError
 from backfill.providers.base import Provider
 from backfill.schema import backfill_embeddings
 
 
-def ensure_compatible(conn: Connection, spec: targets.Spec, provider: Provider, user_id: str | None) -> None:
+def ensure_compatible(conn: Connection, spec: tables.Spec, provider: Provider, user_id: str | None) -> None:
     """Refuse to mix models or dimensions in one column (promise 6)."""
     dialect = conn.dialect.name
     has_provenance = sa.inspect(conn).has_table(backfill_embeddings.name)  # not before `migrate` (up, plan)
@@ -29,11 +29,11 @@ def ensure_compatible(conn: Connection, spec: targets.Spec, provider: Provider, 
                 f"write {provider.model} ({provider.dimensions}). Use the same --model/--dimensions, or re-embed "
                 "every row on purpose with --reembed-all"
             )
-    length = targets.vector_length(spec.embedding, dialect)
+    length = tables.vector_length(spec.embedding, dialect)
     row = conn.execute(
         sa.select(length.label("n"), sa.func.count().label("c")).select_from(spec.table)
-        .where(sa.not_(targets.missing(spec.embedding)), targets.valid_vector(spec.embedding, dialect),
-               *targets.scope(spec, user_id))
+        .where(sa.not_(tables.missing(spec.embedding)), tables.valid_vector(spec.embedding, dialect),
+               *tables.scope(spec, user_id))
         .group_by(length).order_by(sa.func.count().desc()).limit(1)
     ).first()
     if row is not None and row.n != provider.dimensions:

@@ -32,7 +32,7 @@ _FIX = "pass --database-url or set DATABASE_URL (or TURSO_URL and TURSO_AUTH_TOK
 
 
 @dataclass(frozen=True)
-class Target:
+class Database:
     """A resolved database: the SQLAlchemy URL, driver arguments and a printable name."""
 
     url: sa.URL
@@ -46,8 +46,8 @@ class Target:
         return self.kind != "postgresql"
 
 
-def resolve(raw: str | None, auth_token: Secret | None = None) -> Target:
-    """Turn what the user gave into a `Target`, or raise `ConfigError` naming the fix."""
+def resolve(raw: str | None, auth_token: Secret | None = None) -> Database:
+    """Turn what the user gave into a `Database`, or raise `ConfigError` naming the fix."""
     if not raw or not raw.strip():
         raise ConfigError(f"no database given: {_FIX}")
     raw = raw.strip()
@@ -75,7 +75,7 @@ def resolve(raw: str | None, auth_token: Secret | None = None) -> Target:
         url = url.set(drivername="postgresql+psycopg")
         if not url.database:
             raise ConfigError(f"PostgreSQL URL names no database: {redact_url(raw)}; use postgresql://USER:PASS@HOST/DB")
-        return Target(url=url, kind="postgresql", display=url.render_as_string(hide_password=True))
+        return Database(url=url, kind="postgresql", display=url.render_as_string(hide_password=True))
     raise ConfigError(
         f"unsupported database URL scheme {scheme!r}: use a file path, sqlite:///FILE, "
         "sqlite+libsql:///FILE, libsql://HOST or postgresql://USER@HOST/DB"
@@ -96,19 +96,19 @@ def _sqlite_path(raw: str) -> str:
     return path
 
 
-def _file_target(path: str, *, libsql: bool) -> Target:
+def _file_target(path: str, *, libsql: bool) -> Database:
     p = Path(path).expanduser()
     if p.is_dir():
         raise ConfigError(f"database path is a directory: {p}; give the database file")
     absolute = p.resolve()
     if libsql:
         url = sa.URL.create("sqlite+libsql", database=str(absolute))
-        return Target(url=url, kind="libsql", display=f"libsql file {p}", path=absolute)
+        return Database(url=url, kind="libsql", display=f"libsql file {p}", path=absolute)
     url = sa.URL.create("sqlite", database=str(absolute))
-    return Target(url=url, kind="sqlite", display=f"sqlite file {p}", path=absolute)
+    return Database(url=url, kind="sqlite", display=f"sqlite file {p}", path=absolute)
 
 
-def _remote(host: str, port: int | None, query: dict[str, str], token: Secret | None, *, secure_default: bool) -> Target:
+def _remote(host: str, port: int | None, query: dict[str, str], token: Secret | None, *, secure_default: bool) -> Database:
     query = dict(query)
     inline = query.pop("authToken", None) or query.pop("auth_token", None)
     tls = query.pop("tls", None)
@@ -128,7 +128,7 @@ def _remote(host: str, port: int | None, query: dict[str, str], token: Secret | 
     )
     hostport = f"{host}:{port}" if port else host
     args: dict[str, Any] = {"auth_token": token_value} if token_value else {}
-    return Target(url=url, kind="libsql-remote", display=f"libsql://{hostport}", connect_args=args)
+    return Database(url=url, kind="libsql-remote", display=f"libsql://{hostport}", connect_args=args)
 
 
 _SECRETISH = re.compile(r"(?i)((?:authToken|auth_token|password|token)=)[^&\s]+")
@@ -146,7 +146,7 @@ def redact_url(raw: str) -> str:
     return text
 
 
-def engine_for(target: Target, *, must_exist: bool = True) -> Engine:
+def engine_for(target: Database, *, must_exist: bool = True) -> Engine:
     """Create the engine. File databases that must exist are checked first: never created by a read."""
     if target.path is not None:
         if must_exist and not target.path.exists():
@@ -201,7 +201,7 @@ def _lenient_text(raw: bytes) -> str:
     return raw.decode("utf-8", "surrogateescape")
 
 
-def probe(engine: Engine, target: Target, settings: Settings | None = None) -> None:
+def probe(engine: Engine, target: Database, settings: Settings | None = None) -> None:
     """Open one connection and run `SELECT 1`; any failure becomes a one-line ConfigError."""
     # on SQLite the first read of the schema is what finds "file is not a database"
     check = "SELECT count(*) FROM sqlite_master" if target.is_sqlite_family else "SELECT 1"
@@ -215,7 +215,7 @@ def probe(engine: Engine, target: Target, settings: Settings | None = None) -> N
         raise ConfigError(f"cannot connect to {target.display}: {describe_error(exc, settings, target)}") from None
 
 
-def describe_error(exc: BaseException, settings: Settings | None = None, target: Target | None = None) -> str:
+def describe_error(exc: BaseException, settings: Settings | None = None, target: Database | None = None) -> str:
     """One line, secrets removed, with a hint for the common causes."""
     text = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     text = text[:300]
@@ -253,7 +253,7 @@ _ENVIRONMENT = (
 )
 
 
-def environment_problem(exc: BaseException, target: Target | None = None) -> str | None:
+def environment_problem(exc: BaseException, target: Database | None = None) -> str | None:
     """One line naming the cause and the fix when `exc` (or what it wraps) is the machine's fault
     (exit 5), not a bug; None otherwise."""
     seen: set[int] = set()

@@ -1,6 +1,6 @@
 """Same-text dedupe: identical recipe texts are embedded once and written to every row that has them.
 
-Two levels, both keyed by the content hash of the full recipe text (targets.content_hash):
+Two levels, both keyed by the content hash of the full recipe text (tables.content_hash):
 
 - **Across the job (and earlier jobs):** a text whose hash already has a provenance row with the same
   model, dimensions and recipe is copied from that row, provided the row still holds a valid vector
@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from backfill import db, targets
+from backfill import db, tables
 from backfill.schema import backfill_embeddings as prov
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -42,7 +42,7 @@ def _vector(raw: Any, dimensions: int) -> list[float] | None:
     return [float(v) for v in parsed]
 
 
-def known_vectors(engine: Engine, spec: targets.Spec, hashes: Sequence[str], *, model: str, dimensions: int,
+def known_vectors(engine: Engine, spec: tables.Spec, hashes: Sequence[str], *, model: str, dimensions: int,
                   recipe: str, user_id: str | None = None) -> dict[str, list[float]]:
     """hash -> a vector already written for that exact text (same model, dimensions, recipe)."""
     if not hashes:
@@ -51,7 +51,7 @@ def known_vectors(engine: Engine, spec: targets.Spec, hashes: Sequence[str], *, 
     # the (target, model) index and scans every provenance row per page, O(rows^2) over a job.
     q = (
         sa.select(prov.c.content_hash, prov.c.model, prov.c.dimensions, prov.c.recipe_version, spec.embedding,
-                  *targets.text_columns(spec))
+                  *tables.text_columns(spec))
         .select_from(prov.join(spec.table, spec.key == prov.c.row_id))
         .where(prov.c.target == spec.name, prov.c.content_hash.in_(sorted(set(hashes))))
     )
@@ -62,7 +62,7 @@ def known_vectors(engine: Engine, spec: targets.Spec, hashes: Sequence[str], *, 
         digest = row[0]
         if digest in found or (row[1], row[2], row[3]) != (model, dimensions, recipe):
             continue
-        if targets.content_hash(targets.recipe_text(spec, row._mapping, recipe)) != digest:
+        if tables.content_hash(tables.recipe_text(spec, row._mapping, recipe)) != digest:
             continue  # edited since: its vector is of another text
         vec = _vector(row[4], dimensions)
         if vec is not None:
@@ -70,7 +70,7 @@ def known_vectors(engine: Engine, spec: targets.Spec, hashes: Sequence[str], *, 
     return found
 
 
-def reduce(engine: Engine, spec: targets.Spec, items: list[Item], result: PageResult, *, model: str,
+def reduce(engine: Engine, spec: tables.Spec, items: list[Item], result: PageResult, *, model: str,
            dimensions: int, recipe: str, user_id: str | None, across_jobs: bool = True) -> list[Item]:
     """The items that must be sent; copies are recorded in `result` (vectors, copies, tokens_saved)."""
     hashes = {i.row_id: result.hashes[i.row_id] for i in items}

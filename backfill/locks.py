@@ -20,7 +20,7 @@ from contextlib import contextmanager
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from backfill.db import RETRY_CAP_S, Target, is_transient
+from backfill.db import RETRY_CAP_S, Database, is_transient
 
 _PG_KEY = 0x6261_636B  # "back": one advisory key for backfill's schema
 _PG_JOBS_KEY = _PG_KEY + 1
@@ -28,7 +28,7 @@ LOCK_WAIT_S = 120.0
 
 
 @contextmanager
-def schema_lock(target: Target, engine: Engine) -> Iterator[None]:
+def schema_lock(target: Database, engine: Engine) -> Iterator[None]:
     if target.kind == "postgresql":
         with engine.connect() as conn:
             conn.execute(sa.text("SELECT pg_advisory_lock(:k)"), {"k": _PG_KEY})

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from backfill import dedupe, packing, runner, targets
+from backfill import dedupe, packing, runner, tables
 from backfill.providers.base import BATCH_PRICE_FACTOR, PRICES
 
 # A new OpenAI account's embedding limits (tier 1); pass --max-rpm/--max-tpm for yours.
@@ -51,15 +51,15 @@ class Plan:
 
     @property
     def rows(self) -> int:
-        return sum(t.rows for t in self.targets.values())
+        return sum(t.rows for t in self.tables.values())
 
     @property
     def tokens(self) -> int:
-        return sum(t.tokens for t in self.targets.values())
+        return sum(t.tokens for t in self.tables.values())
 
     @property
     def requests(self) -> int:
-        return sum(t.requests for t in self.targets.values())
+        return sum(t.requests for t in self.tables.values())
 
     @property
     def cost_usd(self) -> float:
@@ -80,9 +80,9 @@ class Plan:
 
     def as_dict(self) -> dict:
         out = asdict(self)
-        out.update(rows=self.rows, skipped=sum(t.skipped for t in self.targets.values()),
-                   copied=sum(t.copied for t in self.targets.values()), tokens=self.tokens,
-                   truncated=sum(t.truncated for t in self.targets.values()), requests=self.requests,
+        out.update(rows=self.rows, skipped=sum(t.skipped for t in self.tables.values()),
+                   copied=sum(t.copied for t in self.tables.values()), tokens=self.tokens,
+                   truncated=sum(t.truncated for t in self.tables.values()), requests=self.requests,
                    cost_usd=self.cost_usd, cost_usd_batch=self.cost_usd_batch, eta_s=self.eta_s)
         return out
 
@@ -103,7 +103,7 @@ def limits_for(provider: str, rpm: float | None, tpm: float | None) -> tuple[flo
     return None, None, "none"
 
 
-def _pages(engine: Engine, spec: targets.Spec, dimensions: int, options: runner.RunOptions, cursor: int,
+def _pages(engine: Engine, spec: tables.Spec, dimensions: int, options: runner.RunOptions, cursor: int,
            budget: list[int]) -> Iterator[list[sa.Row]]:
     """The runner's keyset pages (same size and `--limit`), without a job."""
     dialect = engine.dialect.name
@@ -115,9 +115,9 @@ def _pages(engine: Engine, spec: targets.Spec, dimensions: int, options: runner.
                 return
         with engine.connect() as conn:
             rows = conn.execute(
-                sa.select(*targets.select_columns(spec))
+                sa.select(*tables.select_columns(spec))
                 .where(spec.key > cursor, runner.needing(spec, dialect, dimensions, options),
-                       *targets.scope(spec, options.user_id))
+                       *tables.scope(spec, options.user_id))
                 .order_by(spec.key).limit(size)
             ).all()
         if not rows:
@@ -133,18 +133,18 @@ def compute(engine: Engine, plan: Plan, options: runner.RunOptions, fit: Fit,
     cursors = cursors or {}
     budget = [0]
     provenance = not options.reembed_all and sa.inspect(engine).has_table("backfill_embeddings")  # none before migrate
-    for spec in targets.specs_for(options.target):
+    for spec in tables.specs_for(options.target):
         tp = plan.targets.setdefault(spec.name, TargetPlan())
         sent: set[str] = set()  # the runner sends each text once per run (dedupe.py, Runner._in_run_copies)
         for rows in _pages(engine, spec, plan.dimensions, options, cursors.get(spec.name, 0), budget):
             fitted = []
             for row in rows:
-                text = targets.recipe_text(spec, row._mapping, options.recipe)
+                text = tables.recipe_text(spec, row._mapping, options.recipe)
                 if not text:
                     tp.skipped += 1
                     continue
                 _cut, count, truncated = fit(text)
-                fitted.append((targets.content_hash(text), packing.Item(spec.name, int(row[0]), "", count, truncated)))
+                fitted.append((tables.content_hash(text), packing.Item(spec.name, int(row[0]), "", count, truncated)))
             known = {} if not provenance else dedupe.known_vectors(
                 engine, spec, [h for h, _ in fitted], model=plan.model, dimensions=plan.dimensions,
                 recipe=options.recipe, user_id=options.user_id)

@@ -13,7 +13,7 @@ hashes) on a "prepare" thread, which also encodes answers as stored text: the Py
 there while the writer's statements run with the GIL released (writer.py).
 
 What the loop uses lives beside it: packing.py (inputs into requests by tokens), stopping.py (the stop
-flag and signals), writer.py (a page's writes, a vector's stored text), targets.py (a table's columns
+flag and signals), writer.py (a page's writes, a vector's stored text), tables.py (a table's columns
 and user scope). The one-model-per-column check before a job starts is compat.py.
 """
 
@@ -31,7 +31,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from backfill import db, dedupe, jobs, partial, stale, stopping, targets, vectors
+from backfill import db, dedupe, jobs, partial, stale, stopping, tables, vectors
 from backfill.packing import Item, pack_requests
 from backfill.providers.base import (
     BadInput,
@@ -40,7 +40,7 @@ from backfill.providers.base import (
     ProviderError,
 )
 from backfill.stopping import LIMIT_REACHED, StopFlag
-from backfill.targets import scope, select_columns
+from backfill.tables import scope, select_columns
 from backfill.writer import current, encode_vector, record_provenance, write_vectors
 
 PIPELINE_PAGES = 3  # pages selected and queued ahead of the one being committed
@@ -57,7 +57,7 @@ class RunOptions:
     delay_ms: int = 0  # extra pause between requests (seed: -d)
     limit: int | None = None  # rows to select in this invocation
     max_runtime_s: float | None = None
-    recipe: str = targets.DEFAULT_RECIPE
+    recipe: str = tables.DEFAULT_RECIPE
     reembed_all: bool = False
     reembed_stale: bool = False  # also re-embed rows whose vector is stale (stale.py)
     model: str | None = None  # the job's model: the reference for --reembed-stale counts
@@ -110,13 +110,13 @@ class Outcome:
     failed_ids: list[tuple[str, int]] = field(default_factory=list)
 
 
-def needing(spec: targets.Spec, dialect: str, dimensions: int, options: RunOptions) -> sa.ColumnElement[bool]:
+def needing(spec: tables.Spec, dialect: str, dimensions: int, options: RunOptions) -> sa.ColumnElement[bool]:
     if options.reembed_all:
         return sa.true()
-    return targets.needs_embedding(spec, dialect, dimensions)
+    return tables.needs_embedding(spec, dialect, dimensions)
 
 
-def count_remaining(conn: Connection, spec: targets.Spec, dimensions: int, options: RunOptions, after: int) -> int:
+def count_remaining(conn: Connection, spec: tables.Spec, dimensions: int, options: RunOptions, after: int) -> int:
     if options.reembed_stale and not options.reembed_all:
         ref = stale.Reference(options.model, dimensions, options.recipe)
         return stale.remaining(conn, spec, ref, options.user_id, after)
@@ -154,7 +154,7 @@ class Runner:
         self._embedded_live = 0  # vectors received so far in this run (committed or not)
 
     # --- enumerate ------------------------------------------------------------------------
-    def _pages(self, spec: targets.Spec, cursor: int) -> Iterator[list[sa.Row]]:
+    def _pages(self, spec: tables.Spec, cursor: int) -> Iterator[list[sa.Row]]:
         if self.options.reembed_stale and not self.options.reembed_all:
             yield from stale.pages(self, spec, cursor)
             return
@@ -181,7 +181,7 @@ class Runner:
             yield rows
             cursor = int(rows[-1][0])
 
-    def pages_for_retry(self, spec: targets.Spec, row_ids: Sequence[int]) -> Iterator[list[sa.Row]]:
+    def pages_for_retry(self, spec: tables.Spec, row_ids: Sequence[int]) -> Iterator[list[sa.Row]]:
         ids = list(row_ids)
         for start in range(0, len(ids), self.options.page_size):
             if self.stop.reason:
@@ -194,29 +194,29 @@ class Runner:
                 yield rows
 
     # --- process one page -----------------------------------------------------------------
-    def _items(self, spec: targets.Spec, rows: list[sa.Row], result: PageResult) -> list[Item]:
+    def _items(self, spec: tables.Spec, rows: list[sa.Row], result: PageResult) -> list[Item]:
         items = []
         for row in rows:
             mapping = row._mapping
             row_id = int(mapping["id"])
-            why = targets.unreadable(spec, mapping)
+            why = tables.unreadable(spec, mapping)
             if why is not None:
                 result.failures[row_id] = why
                 continue
-            text = targets.recipe_text(spec, mapping, self.options.recipe)
+            text = tables.recipe_text(spec, mapping, self.options.recipe)
             if not text:
                 result.skipped[row_id] = "blank text: nothing to embed"
                 continue
-            result.hashes[row_id] = targets.content_hash(text)  # of the full recipe text (stale.py recomputes it)
+            result.hashes[row_id] = tables.content_hash(text)  # of the full recipe text (stale.py recomputes it)
             text, count, cut = self.provider.fit(text)
             items.append(Item(spec.name, row_id, text, count, cut))
         return items
 
-    def _prepare(self, spec: targets.Spec, rows: list[sa.Row]) -> tuple[PageResult, list[Item]]:
+    def _prepare(self, spec: tables.Spec, rows: list[sa.Row]) -> tuple[PageResult, list[Item]]:
         result = PageResult()
         return result, self._items(spec, rows, result)
 
-    def _prepared_pages(self, prep: ThreadPoolExecutor, spec: targets.Spec,
+    def _prepared_pages(self, prep: ThreadPoolExecutor, spec: tables.Spec,
                         cursor: int) -> Iterator[tuple[list[sa.Row], tuple[PageResult, list[Item]]]]:
         """`_pages`, each page read and its items made (recipe, tokens, hashes) on the prepare thread, one
         page ahead: that Python work overlaps the writer's statements, which release the GIL (writer.py)."""
@@ -318,12 +318,12 @@ class Runner:
         with self._flight:
             return self._embedding_now, self._embedded_live
 
-    def _embed_page(self, pool: ThreadPoolExecutor, spec: targets.Spec, rows: list[sa.Row]) -> PageResult:
+    def _embed_page(self, pool: ThreadPoolExecutor, spec: tables.Spec, rows: list[sa.Row]) -> PageResult:
         result = self._collect(*self._submit(pool, spec, rows))
         self._settle(result)
         return result
 
-    def _submit(self, pool: ThreadPoolExecutor, spec: targets.Spec, rows: list[sa.Row],
+    def _submit(self, pool: ThreadPoolExecutor, spec: tables.Spec, rows: list[sa.Row],
                 prepared: tuple[PageResult, list[Item]] | None = None) -> tuple[PageResult, Future]:
         """Dedupe a page's items (that reads the database, so it runs on the writer thread) and queue its
         requests. The items (texts, tokens, hashes) are made here unless `_prepare` made them already."""
@@ -424,7 +424,7 @@ class Runner:
     def _heartbeat(self) -> None:
         jobs.heartbeat(self.engine, self.job.id, self.worker)
 
-    def _commit(self, spec: targets.Spec, rows: list[sa.Row], result: PageResult, cursors: dict[str, int] | None,
+    def _commit(self, spec: tables.Spec, rows: list[sa.Row], result: PageResult, cursors: dict[str, int] | None,
                 retry: bool) -> None:
         """Everything is prepared first (stored texts, failure rows); the transaction then takes the write lock,
         checks each row is still the one embedded (writer.current), writes, and commits: the lock is held for
@@ -435,7 +435,7 @@ class Runner:
         encoded = {rid: result.encoded.get(rid) or encode_vector(vec) for rid, vec in result.vectors.items()}
         hashes = {rid: result.hashes[rid] for rid in encoded}
         still_needs = None if (self.options.reembed_all or self.options.reembed_stale) else \
-            targets.needs_embedding(spec, self.dialect, self.job.dimensions)
+            tables.needs_embedding(spec, self.dialect, self.job.dimensions)
         problems = [
             *({"target": spec.name, "row_id": rid, "kind": "failed", "error": err[:1000]}
               for rid, err in result.failures.items()),
@@ -470,12 +470,12 @@ class Runner:
         self._batches += 1
         self.job_elapsed_committed = elapsed
 
-    def _mirrors(self, conn: Connection, spec: targets.Spec) -> list[vectors.Mirror]:
+    def _mirrors(self, conn: Connection, spec: tables.Spec) -> list[vectors.Mirror]:
         if spec.name not in self._mirror_cache:
             self._mirror_cache[spec.name] = vectors.configured(conn, spec, self.job.dimensions, self.options.vector_column)
         return self._mirror_cache[spec.name]
 
-    def _provenance(self, conn: Connection, spec: targets.Spec, result: PageResult, stamp: str,
+    def _provenance(self, conn: Connection, spec: tables.Spec, result: PageResult, stamp: str,
                     written: list[int]) -> None:
         record_provenance(conn, [
             {"target": spec.name, "row_id": rid, "provider": self.provider.name, "model": self.provider.model,
@@ -484,7 +484,7 @@ class Runner:
             for rid in written
         ])
 
-    def _account(self, spec: targets.Spec, rows: list[sa.Row], result: PageResult, cursor: int | None) -> None:
+    def _account(self, spec: tables.Spec, rows: list[sa.Row], result: PageResult, cursor: int | None) -> None:
         o = self.outcome
         if cursor is not None:
             o.selected += len(rows)
@@ -517,7 +517,7 @@ class Runner:
         switch = sys.getswitchinterval()
         sys.setswitchinterval(min(switch, GIL_SWITCH_S))
         try:
-            for spec in targets.specs_for(self.job.target):
+            for spec in tables.specs_for(self.job.target):
                 inflight: deque[tuple[list[sa.Row], PageResult, Future]] = deque()
                 for rows, prepared in self._prepared_pages(prep, spec, cursors.get(spec.name, 0)):
                     inflight.append((rows, *self._submit(pool, spec, rows, prepared)))
@@ -540,7 +540,7 @@ class Runner:
         prep.shutdown(wait=True)
         return self.outcome
 
-    def _commit_next(self, spec: targets.Spec, inflight: deque, cursors: dict[str, int]) -> None:
+    def _commit_next(self, spec: tables.Spec, inflight: deque, cursors: dict[str, int]) -> None:
         """Commit the oldest page in flight: its rows are the next ones in key order."""
         rows, result, prepared = inflight.popleft()
         self._collect(result, prepared)
@@ -566,7 +566,7 @@ class Runner:
             open_rows = jobs.open_failures(conn, self.job.id, "failed")
         self.outcome.failed = len(open_rows)
         with ThreadPoolExecutor(max_workers=self.options.concurrency, thread_name_prefix="embed") as pool:
-            for spec in targets.specs_for(self.job.target):
+            for spec in tables.specs_for(self.job.target):
                 ids = [r["row_id"] for r in open_rows if r["target"] == spec.name]
                 for rows in self.pages_for_retry(spec, ids):
                     result = self._embed_page(pool, spec, rows)

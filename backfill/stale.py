@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from backfill import db, targets
+from backfill import db, tables
 from backfill.schema import backfill_embeddings as prov
 from backfill.schema import backfill_jobs
 from backfill.stopping import LIMIT_REACHED
@@ -68,12 +68,12 @@ def reference_for(conn: Connection, table: str) -> Reference:
     return Reference(*row) if row else Reference(None, None, None)
 
 
-def _scan_query(spec: targets.Spec, dialect: str, after: int, limit: int, user_id: str | None,
+def _scan_query(spec: tables.Spec, dialect: str, after: int, limit: int, user_id: str | None,
                 dimensions: int | None, where: tuple = ()) -> sa.Select:
-    needs = targets.needs_embedding(spec, dialect, dimensions)
+    needs = tables.needs_embedding(spec, dialect, dimensions)
     q = (
         sa.select(
-            *targets.select_columns(spec),
+            *tables.select_columns(spec),
             sa.case((needs, 1), else_=0).label("_needs"),
             prov.c.model.label("_p_model"), prov.c.dimensions.label("_p_dims"),
             prov.c.recipe_version.label("_p_recipe"), prov.c.content_hash.label("_p_hash"),
@@ -88,7 +88,7 @@ def _scan_query(spec: targets.Spec, dialect: str, after: int, limit: int, user_i
     return q
 
 
-def reason(spec: targets.Spec, row: Any, ref: Reference) -> str | None:
+def reason(spec: tables.Spec, row: Any, ref: Reference) -> str | None:
     """'text' | 'model' | 'recipe' for a stale row, 'unknown' without provenance, None when fresh."""
     m = row._mapping
     if m["_p_model"] is None:
@@ -96,14 +96,14 @@ def reason(spec: targets.Spec, row: Any, ref: Reference) -> str | None:
     if (ref.model is not None and m["_p_model"] != ref.model) or (
             ref.dimensions is not None and m["_p_dims"] != ref.dimensions):
         return "model"
-    if (ref.recipe is not None and m["_p_recipe"] != ref.recipe) or m["_p_recipe"] not in targets.RECIPES:
+    if (ref.recipe is not None and m["_p_recipe"] != ref.recipe) or m["_p_recipe"] not in tables.RECIPES:
         return "recipe"
-    if targets.content_hash(targets.recipe_text(spec, m, m["_p_recipe"])) != m["_p_hash"]:
+    if tables.content_hash(tables.recipe_text(spec, m, m["_p_recipe"])) != m["_p_hash"]:
         return "text"
     return None
 
 
-def scan(conn: Connection, spec: targets.Spec, *, after: int = 0, user_id: str | None = None,
+def scan(conn: Connection, spec: tables.Spec, *, after: int = 0, user_id: str | None = None,
          dimensions: int | None = None, page: int = SCAN_PAGE, where: tuple = ()) -> Iterator[list[sa.Row]]:
     """Every row in scope after `after`, with `_needs` and its provenance, page by page by key."""
     while True:
@@ -114,17 +114,17 @@ def scan(conn: Connection, spec: targets.Spec, *, after: int = 0, user_id: str |
         after = int(rows[-1][0])
 
 
-def count(conn: Connection, spec: targets.Spec, ref: Reference, user_id: str | None = None, *,
+def count(conn: Connection, spec: tables.Spec, ref: Reference, user_id: str | None = None, *,
           texts: bool = True) -> StaleCounts:
     """Stale rows by reason and unknown rows, among rows holding a valid vector."""
     out = StaleCounts()
     if not has_provenance(conn):
         return out
     dialect = conn.dialect.name
-    valid = sa.and_(sa.not_(targets.missing(spec.embedding)), targets.valid_vector(spec.embedding, dialect))
+    valid = sa.and_(sa.not_(tables.missing(spec.embedding)), tables.valid_vector(spec.embedding, dialect))
     other_model = sa.or_(sa.false(), *([prov.c.model != ref.model] if ref.model is not None else []),
                          *([prov.c.dimensions != ref.dimensions] if ref.dimensions is not None else []))
-    other_recipe = sa.or_(prov.c.recipe_version.not_in(list(targets.RECIPES)),
+    other_recipe = sa.or_(prov.c.recipe_version.not_in(list(tables.RECIPES)),
                           *([prov.c.recipe_version != ref.recipe] if ref.recipe is not None else []))
     has = prov.c.row_id.is_not(None)
     q = sa.select(  # everything but the text is decided in SQL
@@ -141,20 +141,20 @@ def count(conn: Connection, spec: targets.Spec, ref: Reference, user_id: str | N
     return out
 
 
-def wanted(spec: targets.Spec, row: Any, ref: Reference) -> bool:
+def wanted(spec: tables.Spec, row: Any, ref: Reference) -> bool:
     """Needs an embedding, or holds a stale one (unknown rows are left alone)."""
     if row._mapping["_needs"]:
         return True
     return reason(spec, row, ref) not in (None, "unknown")
 
 
-def remaining(conn: Connection, spec: targets.Spec, ref: Reference, user_id: str | None, after: int) -> int:
+def remaining(conn: Connection, spec: tables.Spec, ref: Reference, user_id: str | None, after: int) -> int:
     """Rows a `--reembed-stale` job still has to send after `after`."""
     return sum(1 for rows in scan(conn, spec, after=after, user_id=user_id, dimensions=ref.dimensions)
                for row in rows if wanted(spec, row, ref))
 
 
-def pages(runner: Runner, spec: targets.Spec, cursor: int) -> Iterator[list[sa.Row]]:
+def pages(runner: Runner, spec: tables.Spec, cursor: int) -> Iterator[list[sa.Row]]:
     """The runner's enumerator for `--reembed-stale`: pages of rows that need or deserve a new vector.
 
     Fresh rows are scanned past; the job's cursor is the last row handed out, so a resume rescans at
@@ -189,7 +189,7 @@ def pages(runner: Runner, spec: targets.Spec, cursor: int) -> Iterator[list[sa.R
         cursor = int(batch[-1][0])
 
 
-def adopt(engine: Engine, spec: targets.Spec, *, provider: str, model: str, dimensions: int, recipe: str,
+def adopt(engine: Engine, spec: tables.Spec, *, provider: str, model: str, dimensions: int, recipe: str,
           user_id: str | None = None, job_id: int | None = None) -> int:
     """Record provenance (today's hash) for valid vectors of `dimensions` that have none; nothing is sent.
 
@@ -198,15 +198,15 @@ def adopt(engine: Engine, spec: targets.Spec, *, provider: str, model: str, dime
     from backfill.jobs import now_iso
 
     dialect = engine.dialect.name
-    length = targets.vector_length(spec.embedding, dialect)
+    length = tables.vector_length(spec.embedding, dialect)
     adopted, after = 0, 0
     while True:
         with engine.begin() as conn:
-            q = (sa.select(*targets.select_columns(spec))
+            q = (sa.select(*tables.select_columns(spec))
                  .select_from(spec.table.outerjoin(prov, sa.and_(prov.c.target == spec.name,
                                                                  prov.c.row_id == spec.key)))
-                 .where(spec.key > after, prov.c.row_id.is_(None), sa.not_(targets.missing(spec.embedding)),
-                        targets.valid_vector(spec.embedding, dialect), length == dimensions)
+                 .where(spec.key > after, prov.c.row_id.is_(None), sa.not_(tables.missing(spec.embedding)),
+                        tables.valid_vector(spec.embedding, dialect), length == dimensions)
                  .order_by(spec.key).limit(SCAN_PAGE))
             if user_id is not None:
                 q = q.where(spec.user_id == user_id)
@@ -217,7 +217,7 @@ def adopt(engine: Engine, spec: targets.Spec, *, provider: str, model: str, dime
             conn.execute(prov.insert(), [
                 {"target": spec.name, "row_id": int(r[0]), "provider": provider, "model": model,
                  "dimensions": dimensions, "recipe_version": recipe,
-                 "content_hash": targets.content_hash(targets.recipe_text(spec, r._mapping, recipe)),
+                 "content_hash": tables.content_hash(tables.recipe_text(spec, r._mapping, recipe)),
                  "job_id": job_id, "embedded_at": stamp}
                 for r in rows
             ])
@@ -225,7 +225,7 @@ def adopt(engine: Engine, spec: targets.Spec, *, provider: str, model: str, dime
             after = int(rows[-1][0])
 
 
-def refuse_mixing(conn: Connection, spec: targets.Spec, model: str, dimensions: int, user_id: str | None) -> None:
+def refuse_mixing(conn: Connection, spec: tables.Spec, model: str, dimensions: int, user_id: str | None) -> None:
     """`--reembed-stale` may move a column to a new model only when no vector of unknown origin would stay behind."""
     from backfill.errors import ConfigError
 

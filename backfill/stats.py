@@ -16,7 +16,7 @@ from sqlalchemy.engine import Connection
 from backfill import stale
 from backfill.errors import ConfigError
 from backfill.schema import users
-from backfill.targets import SPECS, Spec, missing, valid_vector
+from backfill.tables import SPECS, Spec, missing, valid_vector
 
 HEALTHY_COVERAGE = 90.0
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from backfill import targets
+from backfill import tables
 from backfill.errors import ConfigError, SchemaDrift
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
@@ -34,7 +34,7 @@ PAGE = 2000
 PROBES = 20
 
 
-def index_name(spec: targets.Spec, column: str) -> str:
+def index_name(spec: tables.Spec, column: str) -> str:
     return f"{spec.name}_{column}_vidx"
 
 
@@ -47,14 +47,14 @@ def check_backend(kind: str, column: str) -> None:
                           f"{kind}: use a sqlite+libsql:///FILE or libsql://HOST URL, or drop --vector-column")
 
 
-def _declared(conn: Connection, spec: targets.Spec, column: str) -> str | None:
+def _declared(conn: Connection, spec: tables.Spec, column: str) -> str | None:
     for row in conn.exec_driver_sql(f"PRAGMA table_info({spec.name})"):
         if row[1] == column:
             return str(row[2] or "")
     return None
 
 
-def dimensions_of(conn: Connection, spec: targets.Spec, column: str) -> int | None:
+def dimensions_of(conn: Connection, spec: tables.Spec, column: str) -> int | None:
     """N of the column's F32_BLOB(N) declaration; None when the column does not exist."""
     decl = _declared(conn, spec, column)
     if decl is None:
@@ -66,7 +66,7 @@ def dimensions_of(conn: Connection, spec: targets.Spec, column: str) -> int | No
     return int(found.group(1))
 
 
-def prepare(conn: Connection, kind: str, specs: list[targets.Spec], column: str, dimensions: int) -> list[str]:
+def prepare(conn: Connection, kind: str, specs: list[tables.Spec], column: str, dimensions: int) -> list[str]:
     """Check support and every table first, then add the column where it is missing (call it after every other
     check: libSQL commits DDL at once); returns the tables it was added to."""
     check_backend(kind, column)
@@ -88,14 +88,14 @@ def prepare(conn: Connection, kind: str, specs: list[targets.Spec], column: str,
     return added
 
 
-def write(conn: Connection, spec: targets.Spec, column: str, row_ids: list[int]) -> None:
+def write(conn: Connection, spec: tables.Spec, column: str, row_ids: list[int]) -> None:
     """In the page's transaction: the native column mirrors the JSON just written."""
     if row_ids:
         conn.exec_driver_sql(f"UPDATE {spec.name} SET {column} = vector32(embedding) WHERE id = ?",
                              [(int(r),) for r in row_ids])
 
 
-def clear(conn: Connection, spec: targets.Spec, column: str, row_ids: list[int]) -> None:
+def clear(conn: Connection, spec: tables.Spec, column: str, row_ids: list[int]) -> None:
     """Where the native copy cannot be made (no vector32, other dimensions): NULL, never a stale vector."""
     if row_ids:
         conn.exec_driver_sql(f"UPDATE {spec.name} SET {column} = NULL WHERE id = ?", [(int(r),) for r in row_ids])
@@ -108,11 +108,11 @@ class Mirror:
     column: str
     native: bool
 
-    def apply(self, conn: Connection, spec: targets.Spec, row_ids: list[int]) -> None:
+    def apply(self, conn: Connection, spec: tables.Spec, row_ids: list[int]) -> None:
         (write if self.native else clear)(conn, spec, self.column, row_ids)
 
 
-def configured(conn: Connection, spec: targets.Spec, dimensions: int, given: str | None = None) -> list[Mirror]:
+def configured(conn: Connection, spec: tables.Spec, dimensions: int, given: str | None = None) -> list[Mirror]:
     """The native columns configured for this table (by this job's `--vector-column` or any earlier job's) that
     exist: each one is written whenever a vector is, by every job."""
     from backfill.schema import backfill_jobs
@@ -139,12 +139,12 @@ def configured(conn: Connection, spec: targets.Spec, dimensions: int, given: str
     return out
 
 
-def fill(engine: Engine, spec: targets.Spec, column: str, dimensions: int) -> int:
+def fill(engine: Engine, spec: tables.Spec, column: str, dimensions: int) -> int:
     """Bring the column in step with the JSON, in keyset pages: write it where the row's JSON vector has the right
     size and the cell is NULL or differs from it (the row was re-embedded without the column), and empty it where
     the JSON is missing or of another size. Returns the cells changed."""
-    length = targets.vector_length(spec.embedding, "sqlite")
-    good = sa.and_(sa.not_(targets.missing(spec.embedding)), targets.valid_vector(spec.embedding, "sqlite"),
+    length = tables.vector_length(spec.embedding, "sqlite")
+    good = sa.and_(sa.not_(tables.missing(spec.embedding)), tables.valid_vector(spec.embedding, "sqlite"),
                    length == dimensions)
     ref = f"{spec.name}.{column}"
     # vector32() only ever sees a good vector (CASE), and a cell equal to it is left alone
@@ -174,7 +174,7 @@ class IndexResult:
     found: int
 
 
-def build_and_check(engine: Engine, kind: str, spec: targets.Spec, column: str, probes: int = PROBES) -> IndexResult:
+def build_and_check(engine: Engine, kind: str, spec: tables.Spec, column: str, probes: int = PROBES) -> IndexResult:
     """Fill, build the index, and query `vector_top_k` with `probes` rows' own vectors."""
     check_backend(kind, column)
     with engine.connect() as conn:

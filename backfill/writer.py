@@ -33,7 +33,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from backfill import targets
+from backfill import tables
 
 CHECK_ROWS_PER_STATEMENT = 900  # ids in one compare-and-set read (SQLite before 3.32 allowed 999 parameters)
 UPDATE_ROWS_PER_STATEMENT = 400  # vectors: 3 parameters a row (CASE pair, IN list) and one for the user
@@ -100,7 +100,7 @@ def _provenance_sql(mark: str, rows: int) -> str:
             f"ON CONFLICT (target, row_id) DO UPDATE SET {updates}")
 
 
-def write_vectors(conn: Connection, spec: targets.Spec, user_id: str | None, encoded: dict[int, str]) -> None:
+def write_vectors(conn: Connection, spec: tables.Spec, user_id: str | None, encoded: dict[int, str]) -> None:
     """Set each row's embedding (already encoded as stored text), within the caller's transaction.
     With `user_id`, a row of another user is never written."""
     mark = _mark(conn)
@@ -125,7 +125,7 @@ def record_provenance(conn: Connection, rows: list[dict[str, Any]]) -> None:
         conn.exec_driver_sql(_provenance_sql(mark, len(chunk)), tuple(row[c] for row in chunk for c in PROVENANCE_COLUMNS))
 
 
-def current(conn: Connection, spec: targets.Spec, user_id: str | None, hashes: dict[int, str], *, recipe: str,
+def current(conn: Connection, spec: tables.Spec, user_id: str | None, hashes: dict[int, str], *, recipe: str,
             still_needs: sa.ColumnElement[bool] | None) -> tuple[list[int], list[int], list[int]]:
     """Compare-and-set, in the caller's transaction and under its write lock (db.lock_for_write; on PostgreSQL the
     rows are locked here, FOR UPDATE): of the rows in `hashes` (row -> content hash of the text embedded), those
@@ -135,20 +135,20 @@ def current(conn: Connection, spec: targets.Spec, user_id: str | None, hashes: d
     fresh: list[int] = []
     changed: list[int] = []
     seen: set[int] = set()
-    cols = [spec.key, *targets.text_columns(spec)]
+    cols = [spec.key, *tables.text_columns(spec)]
     if still_needs is not None:
         cols.append(sa.case((still_needs, 1), else_=0).label("_needs"))
     for start in range(0, len(ids), CHECK_ROWS_PER_STATEMENT):
         q = sa.select(*cols).where(spec.key.in_(ids[start:start + CHECK_ROWS_PER_STATEMENT]),
-                                   *targets.scope(spec, user_id))
+                                   *tables.scope(spec, user_id))
         if conn.dialect.name == "postgresql":
             q = q.with_for_update(of=spec.table)
         for row in conn.execute(q):
             m = row._mapping
             rid = int(m["id"])
             seen.add(rid)
-            same = (still_needs is None or bool(m["_needs"])) and targets.unreadable(spec, m) is None and \
-                targets.content_hash(targets.recipe_text(spec, m, recipe)) == hashes[rid]
+            same = (still_needs is None or bool(m["_needs"])) and tables.unreadable(spec, m) is None and \
+                tables.content_hash(tables.recipe_text(spec, m, recipe)) == hashes[rid]
             (fresh if same else changed).append(rid)
     gone = [rid for rid in ids if rid not in seen]
     return sorted(fresh), sorted(changed), gone

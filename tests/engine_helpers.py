@@ -7,7 +7,7 @@ import json
 
 import sqlalchemy as sa
 
-from backfill import sample, targets
+from backfill import sample, tables
 from backfill.providers.openai import OpenAIProvider
 from backfill.tokens import truncate
 from support.fake_openai import fake_vector
@@ -64,7 +64,7 @@ def embeddings(engine: sa.Engine, table: str, where: str = "") -> dict[int, str 
 
 
 def expected_text(table: str, row: dict) -> str:
-    text = targets.recipe_text(targets.SPECS[table], row)
+    text = tables.recipe_text(tables.SPECS[table], row)
     return truncate(text, OpenAIProvider.max_input_tokens)[0]
 
 
@@ -78,14 +78,14 @@ def is_vector(value: str | None, dims: int = DIMS) -> bool:
 
 def needing(engine: sa.Engine) -> set[tuple[str, int]]:
     """Rows whose embedding is missing or malformed, judged in Python (independent of the tool's SQL)."""
-    return {(t, i) for t in targets.SPECS for i, e in embeddings(engine, t).items() if not is_vector(e)}
+    return {(t, i) for t in tables.SPECS for i, e in embeddings(engine, t).items() if not is_vector(e)}
 
 
 def assert_vectors_match_recipe(engine: sa.Engine, rows: set[tuple[str, int]]) -> int:
     """Each of `rows` now holds the fake server's vector for that row's recipe text."""
     checked = 0
     with engine.connect() as conn:
-        for table, spec in targets.SPECS.items():
+        for table, spec in tables.SPECS.items():
             cols = ", ".join(["id", "embedding", *spec.text_columns])
             for row in conn.exec_driver_sql(f"SELECT {cols} FROM {table} ORDER BY id").mappings():
                 if (table, row["id"]) not in rows:
@@ -109,7 +109,7 @@ def rows_by_text(engine) -> dict[str, set[tuple[str, int]]]:
     """Recipe text -> the rows that carry it (a few sample rows share a text)."""
     out: dict[str, set[tuple[str, int]]] = {}
     with engine.connect() as conn:
-        for table, spec in targets.SPECS.items():
+        for table, spec in tables.SPECS.items():
             cols = ", ".join(["id", *spec.text_columns])
             for row in conn.exec_driver_sql(f"SELECT {cols} FROM {table}").mappings():
                 out.setdefault(expected_text(table, row), set()).add((table, row["id"]))

@@ -9,7 +9,7 @@ import json
 import pytest
 import sqlalchemy as sa
 
-from backfill import targets
+from backfill import tables
 from backfill.schema import memories
 from backfill.tokens import MAX_INPUT_TOKENS
 from conftest import make_backend
@@ -72,20 +72,20 @@ def test_bad_rows_are_skipped_truncated_cleaned_or_reembedded_and_the_job_finish
     assert not any(ch in ctl_sent for ch in "\x07\x1b\x7f\x0b\x0c") and "bell" in ctl_sent
     if bytes_id:
         assert rows[bytes_id]["content"] == "AB\udced\udca0\udc80C"  # undecodable bytes, kept as they were
-        assert targets.recipe_text(targets.SPECS["memories"], rows[bytes_id]) == "undecodable ABC Type: semantic"
+        assert tables.recipe_text(tables.SPECS["memories"], rows[bytes_id]) == "undecodable ABC Type: semantic"
     assert failed == 0 and sorted(sent) == sorted(expected_text("memories", rows[i]) for i in embedded)
     assert (job["status"], job["embedded"], job["skipped"], job["failed"]) == ("done", len(embedded), len(blank), 0)
 
 
 def test_the_ascii_fast_path_of_the_recipe_equals_the_servers_regexes():
-    """targets._clean takes a shortcut for ASCII text; on any input it must give what the server's
+    """tables._clean takes a shortcut for ASCII text; on any input it must give what the server's
     two regexes give (whitespace runs collapsed, then everything outside its keep-set deleted)."""
     import random
     import re
 
     def server(text: str) -> str:
-        text = targets._COLLAPSE.sub(" ", text)
-        return targets._ASCII_KEEP.sub("", text).strip(targets._JS_STRIP)
+        text = tables._COLLAPSE.sub(" ", text)
+        return tables._ASCII_KEEP.sub("", text).strip(tables._JS_STRIP)
 
     rng = random.Random(7)
     alphabet = "ab Z09_-.,!?;:()[]{}'\"\t\n\v\f\r\x00\x01\x1c\x1f@#$%^&*~`|\\/<>+=\x7f\u00e9\u00a0\u2003\ufeff"
@@ -93,5 +93,5 @@ def test_the_ascii_fast_path_of_the_recipe_equals_the_servers_regexes():
     for _ in range(50_000):
         text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 24)))
         fast += text.isascii() and not re.search("[\x1c-\x1f]", text)
-        assert targets._clean(text, targets._ASCII_KEEP) == server(text), repr(text)
+        assert tables._clean(text, tables._ASCII_KEEP) == server(text), repr(text)
     assert fast > 10_000  # the shortcut was exercised, not only the fallback

@@ -15,7 +15,7 @@ import time
 import pytest
 import sqlalchemy as sa
 
-from backfill import targets
+from backfill import tables
 from conftest import ROOT, make_backend
 from engine_helpers import (
     DIMS,
@@ -62,7 +62,7 @@ def _texts(engine: sa.Engine, rows: set[tuple[str, int]]) -> dict[tuple[str, int
     """The recipe text of each of `rows` ('' for a row with nothing to embed)."""
     out = {}
     with engine.connect() as conn:
-        for table, spec in targets.SPECS.items():
+        for table, spec in tables.SPECS.items():
             cols = ", ".join(["id", *spec.text_columns])
             out.update({(table, r["id"]): expected_text(table, r)
                         for r in conn.exec_driver_sql(f"SELECT {cols} FROM {table}").mappings() if (table, r["id"]) in rows})

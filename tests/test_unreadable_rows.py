@@ -14,7 +14,7 @@ import shutil
 import pytest
 import sqlalchemy as sa
 
-from backfill import targets
+from backfill import tables
 from backfill.schema import memories
 from conftest import make_backend
 from engine_helpers import DIMS, MODEL, RUN_ARGS, build, env_for
@@ -65,12 +65,12 @@ def test_a_blob_bad_utf8_or_a_nul_never_stops_the_job(name, tmp_path, cli):
     assert stored[ids["blob"]] is None
     assert job["embedded"] == len(stored) - 1 == len(hashes)  # every other row, the last one included
     nul_text = "nul row\n\nbeforeafter the nul byte\n\nType: semantic"
-    nul_text = targets._clean(nul_text, targets.RECIPES[targets.DEFAULT_RECIPE])
+    nul_text = tables._clean(nul_text, tables.RECIPES[tables.DEFAULT_RECIPE])
     assert nul_text == "nul row beforeafter the nul byte Type: semantic" and nul_text in sent  # not cut at the NUL
     assert json.loads(stored[ids["nul"]]) == fake_vector(nul_text, DIMS, MODEL)
-    assert hashes[ids["nul"]] == targets.content_hash(nul_text)
+    assert hashes[ids["nul"]] == tables.content_hash(nul_text)
     utf8_text = "undecodable ABC Type: semantic"
-    assert utf8_text in sent and hashes[ids["utf8"]] == targets.content_hash(utf8_text)
+    assert utf8_text in sent and hashes[ids["utf8"]] == tables.content_hash(utf8_text)
 
 
 def test_the_same_file_gets_the_same_texts_vectors_and_hashes_on_both_drivers(tmp_path, cli):

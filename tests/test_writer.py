@@ -6,10 +6,10 @@ import sqlite3
 
 import sqlalchemy as sa
 
-from backfill import migrate, sample, targets, writer
+from backfill import migrate, sample, tables, writer
 from backfill.schema import backfill_embeddings
 
-SPEC = targets.SPECS["memories"]
+SPEC = tables.SPECS["memories"]
 
 
 def _memories(engine: sa.Engine) -> dict[int, tuple[str, str | None]]:
@@ -19,7 +19,7 @@ def _memories(engine: sa.Engine) -> dict[int, tuple[str, str | None]]:
 
 def _provenance(row_id: int, model: str) -> dict:
     return {"target": "memories", "row_id": row_id, "provider": "openai", "model": model, "dimensions": 3,
-            "recipe_version": targets.DEFAULT_RECIPE, "content_hash": f"{row_id:064x}", "job_id": 1,
+            "recipe_version": tables.DEFAULT_RECIPE, "content_hash": f"{row_id:064x}", "job_id": 1,
             "embedded_at": "2026-11-27T00:00:00.000Z"}
 
 

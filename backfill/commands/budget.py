@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from backfill import compat, jobs, report, runner, targets
+from backfill import compat, jobs, report, runner, tables
 from backfill import plan as planning
 from backfill import stats as coverage
 from backfill.commands.database import open_database
@@ -57,7 +57,7 @@ def _refuse_like_run(engine: Engine, req: RunRequest, model: str, dims: int, use
     """`run` refuses to mix models or dimensions in one column (compat.ensure_compatible): say so now."""
     wanted = SimpleNamespace(model=model, dimensions=dims)
     with engine.connect() as conn:
-        for spec in targets.specs_for(req.target):
+        for spec in tables.specs_for(req.target):
             try:
                 compat.ensure_compatible(conn, spec, wanted, user_id)  # type: ignore[arg-type]
             except ConfigError as exc:

@@ -11,11 +11,11 @@ from backfill import stats as coverage
 from backfill.config import Settings
 from backfill.errors import ConfigError, SchemaDrift
 
-_opened: dict[str, db.Target] = {}  # the database this command opened, named by environment errors
+_opened: dict[str, db.Database] = {}  # the database this command opened, named by environment errors
 
 
 def open_database(settings: Settings, *, must_exist: bool = True,
-                  data_tables: bool = True) -> tuple[db.Target, Engine]:
+                  data_tables: bool = True) -> tuple[db.Database, Engine]:
     """Resolve, create the engine and check it answers; never creates a file unless asked.
     With `data_tables`, a database without the server's `memories` table is refused in one line."""
     target = db.resolve(settings.database_url, settings.auth_token)
@@ -28,7 +28,7 @@ def open_database(settings: Settings, *, must_exist: bool = True,
     return target, engine
 
 
-def require_data_tables(engine: Engine, target: db.Target) -> None:
+def require_data_tables(engine: Engine, target: db.Database) -> None:
     """`memories` is what every command reads: an empty or foreign database gets one line, not
     "no such table" (exit 70)."""
     names = set(sa.inspect(engine).get_table_names())

@@ -7,7 +7,7 @@ import json
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from backfill import jobs, report, runner, targets
+from backfill import jobs, report, runner, tables
 from backfill.commands.database import open_database, require_tables
 from backfill.commands.failures import top_reasons
 from backfill.config import Settings
@@ -36,7 +36,7 @@ def _job_view(conn: Connection, job: jobs.Job, *, remaining: bool) -> dict:
                                  reembed_stale=bool(job.params.get("reembed_stale")), model=job.model,
                                  recipe=job.recipe_version)
         left = sum(runner.count_remaining(conn, s, job.dimensions, opts, job.cursors.get(s.name, 0))
-                   for s in targets.specs_for(job.target))
+                   for s in tables.specs_for(job.target))
         row["remaining"] = left
         row["eta_s"] = round(left / rate, 1) if rate else None
     return row

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from backfill import jobs, packing, providers, runner, targets
+from backfill import jobs, packing, providers, runner, tables
 from backfill.config import Settings
 from backfill.errors import ConfigError
 from backfill.limits import Limiter
@@ -24,7 +24,7 @@ class RunRequest:
     delay_ms: int = 0
     limit: int | None = None
     max_runtime_s: float | None = None
-    recipe: str = targets.DEFAULT_RECIPE
+    recipe: str = tables.DEFAULT_RECIPE
     reembed_all: bool = False
     max_rpm: float | None = None
     max_tpm: float | None = None
@@ -53,10 +53,10 @@ def validate(req: RunRequest) -> None:
     """Every flag of `run`, `up` and `plan`, checked before anything is opened or written (exit 2)."""
     if req.provider not in providers.PROVIDERS:
         raise ConfigError(f"unknown provider {req.provider!r}: use --provider openai or --provider local")
-    if req.target not in targets.TARGET_CHOICES:
-        raise ConfigError(f"--target must be one of {', '.join(targets.TARGET_CHOICES)}")
-    if req.recipe not in targets.RECIPES:
-        raise ConfigError(f"--recipe must be one of {', '.join(targets.RECIPES)}")
+    if req.target not in tables.TARGET_CHOICES:
+        raise ConfigError(f"--target must be one of {', '.join(tables.TARGET_CHOICES)}")
+    if req.recipe not in tables.RECIPES:
+        raise ConfigError(f"--recipe must be one of {', '.join(tables.RECIPES)}")
     if req.model is not None and not req.model.strip():
         raise ConfigError("--model is empty: name a model (e.g. text-embedding-3-small) or drop --model")
     if req.dimensions is not None and not 1 <= req.dimensions <= MAX_DIMENSIONS:

@@ -20,7 +20,7 @@ from backfill import (
     runner,
     stale,
     stopping,
-    targets,
+    tables,
     vectors,
 )
 from backfill import stats as coverage
@@ -87,7 +87,7 @@ def _drive(settings: Settings, engine: Engine, job: jobs.Job, provider: Provider
             total = len(jobs.open_failures(conn, job.id))
         else:
             total = sum(runner.count_remaining(conn, spec, job.dimensions, options, job.cursors.get(spec.name, 0))
-                        for spec in targets.specs_for(job.target))
+                        for spec in tables.specs_for(job.target))
     run = (runner_class or runner.Runner)(engine, provider, job, worker, options, None, stop)
     status, reason = "interrupted", None
     try:
@@ -125,10 +125,10 @@ def _drive(settings: Settings, engine: Engine, job: jobs.Job, provider: Provider
     if not outcome.failed_ids and outcome.failed:
         with engine.connect() as conn:
             outcome.failed_ids = [(r["target"], r["row_id"]) for r in jobs.open_failures(conn, job.id)]
-    tables = [t for t in cov.tables if job.target in ("all", t.table)]
-    outcome.unaddressable = sum(t.unaddressable for t in tables)
-    total_rows = sum(t.total for t in tables)
-    pct = 100.0 * sum(t.with_embedding for t in tables) / total_rows if total_rows else 100.0
+    shown = [t for t in cov.tables if job.target in ("all", t.table)]
+    outcome.unaddressable = sum(t.unaddressable for t in shown)
+    total_rows = sum(t.total for t in shown)
+    pct = 100.0 * sum(t.with_embedding for t in shown) / total_rows if total_rows else 100.0
     report.event("job_finished", job=job.id, status=status, stop_reason=reason, selected=final.selected,
                  embedded=final.embedded, failed=final.failed, skipped=final.skipped, batches=final.batches,
                  requests=final.requests, tokens=final.tokens, cost_usd=round(final.cost_usd, 6),
@@ -205,10 +205,10 @@ def run(settings: Settings, req: RunRequest) -> int:
         job = jobs.find_open(conn, key)
         if job is None:
             if not (req.reembed_all or req.reembed_stale):
-                for spec in targets.specs_for(req.target):
+                for spec in tables.specs_for(req.target):
                     compat.ensure_compatible(conn, spec, provider, user_id)
             elif req.reembed_stale and not req.reembed_all:
-                for spec in targets.specs_for(req.target):
+                for spec in tables.specs_for(req.target):
                     stale.refuse_mixing(conn, spec, provider.model, provider.dimensions, user_id)
             params = {"batch_size": req.batch_size, "concurrency": req.concurrency, "delay_ms": req.delay_ms,
                       "reembed_all": req.reembed_all, "base_url": settings.openai_base_url}
@@ -228,7 +228,7 @@ def run(settings: Settings, req: RunRequest) -> int:
         else:
             report.say(f"resuming job {job.id} from its last committed batch")
         if req.vector_column:  # last: every refusal above comes before this DDL
-            for name in vectors.prepare(conn, target.kind, targets.specs_for(req.target), req.vector_column,
+            for name in vectors.prepare(conn, target.kind, tables.specs_for(req.target), req.vector_column,
                                         provider.dimensions):
                 report.say(f"added column {name}.{req.vector_column} F32_BLOB({provider.dimensions})")
     if req.adopt_existing:
@@ -237,7 +237,7 @@ def run(settings: Settings, req: RunRequest) -> int:
 
 
 def _adopt(engine: Engine, job: jobs.Job, provider: Provider, req: RunRequest, user_id: str | None) -> None:
-    for spec in targets.specs_for(req.target):
+    for spec in tables.specs_for(req.target):
         n = stale.adopt(engine, spec, provider=provider.name, model=provider.model, dimensions=provider.dimensions,
                         recipe=req.recipe, user_id=user_id, job_id=job.id)
         report.say(f"adopted {n} existing {spec.name} vector(s): provenance recorded, nothing sent")
@@ -280,7 +280,7 @@ def _refuse_mixing(engine: Engine, req: RunRequest, user_id: str | None) -> None
     _name, model, dims = _identity(req)
     columnless = _columnless(engine)  # no column yet: no vector in it to mix with
     with engine.connect() as conn:
-        for spec in (s for s in targets.specs_for(req.target) if s.name not in columnless):
+        for spec in (s for s in tables.specs_for(req.target) if s.name not in columnless):
             compat.ensure_compatible(conn, spec, SimpleNamespace(model=model, dimensions=dims),  # type: ignore[arg-type]
                                      user_id)
 
@@ -292,14 +292,14 @@ def _nothing_to_do(engine: Engine, req: RunRequest, user_id: str | None) -> bool
     if _open_job(engine, req, user_id) is not None:
         return False
     columnless = _columnless(engine)
-    if any(spec.name in columnless for spec in targets.specs_for(req.target)):
+    if any(spec.name in columnless for spec in tables.specs_for(req.target)):
         return False  # a table without its embedding column yet: every row of it will need one
     inspector = sa.inspect(engine)
     opts = runner.RunOptions(target=req.target, user_id=user_id, reembed_all=req.reembed_all,
                              reembed_stale=req.reembed_stale and inspector.has_table("backfill_embeddings"),
                              model=model, recipe=req.recipe)
     with engine.connect() as conn:
-        return not any(runner.count_remaining(conn, spec, dims, opts, 0) for spec in targets.specs_for(req.target))
+        return not any(runner.count_remaining(conn, spec, dims, opts, 0) for spec in tables.specs_for(req.target))
 
 
 def _preflight(settings: Settings, req: RunRequest) -> None:

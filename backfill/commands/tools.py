@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from backfill import db, report, sample, targets, vectors
+from backfill import db, report, sample, tables, vectors
 from backfill.commands.database import open_database
 from backfill.config import Settings
 from backfill.errors import ConfigError
@@ -10,11 +10,11 @@ from backfill.errors import ConfigError
 
 def index(settings: Settings, column: str, target: str = "all") -> int:
     """Fill the native vector column where NULL, build its libsql_vector_idx index, check vector_top_k."""
-    if target not in targets.TARGET_CHOICES:
-        raise ConfigError(f"--target must be one of {', '.join(targets.TARGET_CHOICES)}")
+    if target not in tables.TARGET_CHOICES:
+        raise ConfigError(f"--target must be one of {', '.join(tables.TARGET_CHOICES)}")
     kind, engine = open_database(settings)
     vectors.check_backend(kind.kind, column)
-    for spec in targets.specs_for(target):
+    for spec in tables.specs_for(target):
         res = vectors.build_and_check(engine, kind.kind, spec, column)
         report.say(f"{res.index}: {res.rows} vectors ({res.filled} filled now); vector_top_k found "
                    f"{res.found}/{res.probes} probes")
