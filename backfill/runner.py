@@ -148,7 +148,7 @@ class Runner:
         self._mirror_cache: dict[str, list[vectors.Mirror]] = {}
         self._sent_pages = 0
         self._holes: set[str] = set()  # tables where a stop left rows unsent: the cursor stays before them
-        self._chunked = bool(getattr(provider, "chunk_tokens", None))  # fed in chunks: the local model
+        self._chunked = bool(provider.chunk_tokens)  # fed in chunks: the local model
         self._flight = threading.Lock()  # guards the two counts below against the stop check (rows_in_flight)
         self._embedding_now = 0  # rows in the chunks being embedded at this moment
         self._embedded_live = 0  # vectors received so far in this run (committed or not)
@@ -252,8 +252,7 @@ class Runner:
         """Embed one request; a 400 is split in halves until the bad input stands alone."""
         self._pace()
         try:
-            got = self.provider.embed([i.text for i in items], sum(i.tokens for i in items)) \
-                if _accepts_tokens(self.provider) else self.provider.embed([i.text for i in items])
+            got = self.provider.embed([i.text for i in items], sum(i.tokens for i in items))
         except BadInput as exc:
             if len(items) == 1:
                 return [(items[0], None, str(exc))], 0, 1
@@ -270,7 +269,7 @@ class Runner:
     def _chunks(self, items: list[Item]) -> list[list[Item]]:
         """A request as the provider takes it: whole, or in chunks of about `chunk_tokens` tokens (the local
         model, which needs seconds for a request of 100 inputs) so the bar moves and a stop is seen between them."""
-        budget = getattr(self.provider, "chunk_tokens", None)
+        budget = self.provider.chunk_tokens
         if not budget:
             return [items]
         out: list[list[Item]] = [[]]
@@ -582,6 +581,3 @@ class Runner:
 def _encode_all(vectors: list[tuple[int, list[float]]]) -> dict[int, str]:
     return {row_id: encode_vector(v) for row_id, v in vectors}
 
-
-def _accepts_tokens(provider: Provider) -> bool:
-    return provider.name == "openai"

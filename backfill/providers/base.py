@@ -54,17 +54,30 @@ class FatalProviderError(ProviderError):
 
 
 class Provider(Protocol):
-    name: str
-    model: str
-    dimensions: int
-    max_input_tokens: int | None
-    price_per_mtok: float
+    """What the runner needs of a provider; `OpenAIProvider` and `LocalProvider` both implement it."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def model(self) -> str: ...
+    @property
+    def dimensions(self) -> int: ...
+    @property
+    def max_input_tokens(self) -> int | None: ...
+    @property
+    def price_per_mtok(self) -> float: ...
+    @property
+    def chunk_tokens(self) -> int | None:
+        """Tokens per chunk a request is handed over in (a slow local model), or None: whole requests."""
+        ...
 
     def fit(self, text: str) -> tuple[str, int, bool]:
         """(text cut to the model's input limit by its own tokens, tokens, truncated?)"""
         ...
 
-    def embed(self, texts: Sequence[str]) -> Embedded: ...
+    def embed(self, texts: Sequence[str], tokens: int | None = None) -> Embedded:
+        """Vectors for `texts`; `tokens`, when given, is their count by the model's tokenizer (for pacing)."""
+        ...
 
 
 def check_vectors(vectors: Sequence[Sequence[float]], expected: int, dimensions: int) -> list[list[float]]:

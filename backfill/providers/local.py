@@ -59,7 +59,8 @@ class LocalProvider:
         cut = text[:lo]
         return cut, int(count_of(cut)), True
 
-    def embed(self, texts: Sequence[str]) -> Embedded:
+    def embed(self, texts: Sequence[str], tokens: int | None = None) -> Embedded:
+        """`tokens` is not needed: this model counts its own (it paces nothing)."""
         with self._turns:
             matrix = self._model.passage(list(texts))
         tokens = sum(int(self._model.token_count(t)) for t in texts)

@@ -40,6 +40,7 @@ def _retry_after(headers) -> float | None:  # noqa: ANN001 - httpx.Headers
 class OpenAIProvider:
     name = "openai"
     max_input_tokens = MAX_INPUT_TOKENS
+    chunk_tokens: int | None = None  # requests go whole
 
     def __init__(
         self,
