@@ -9,7 +9,7 @@ import socket
 import openai
 import pytest
 
-from support.fake_openai import FakeOpenAI, FakeOpenAIAdmin, fake_vector
+from support.fake_openai import FakeOpenAI, fake_vector
 
 MODEL = "text-embedding-3-small"
 
@@ -66,18 +66,17 @@ def test_a_batch_answers_every_line_with_the_sync_vectors_and_counts_what_was_up
         assert server.stats()["requests"] == 0  # the synchronous endpoint was not used
 
 
-def test_hold_is_the_fast_forward_switch_and_works_over_http_too():
+def test_hold_is_the_fast_forward_switch():
     with FakeOpenAI() as server:
         server.batches.configure(hold=True, polls_to_complete=1)
         client = _client(server)
         batch = client.batches.create(input_file_id=_upload(client, [_line("x", ["one"])]),
                                       endpoint="/v1/embeddings", completion_window="24h")
         assert {client.batches.retrieve(batch.id).status for _ in range(5)} == {"in_progress"}
-        admin = FakeOpenAIAdmin(server.base_url)
-        assert admin.complete_batches() == 1
+        assert server.batches.complete_batches() == 1
         assert client.batches.retrieve(batch.id).status == "completed"
-        assert admin.batch_stats()["billed_inputs"] == 1
-        assert admin.configure_batches(hold=False)["hold"] is False
+        assert server.batches.stats()["billed_inputs"] == 1
+        assert server.batches.configure(hold=False)["hold"] is False
 
 
 def test_files_and_batches_list_page_by_page_newest_first():

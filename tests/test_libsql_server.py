@@ -3,17 +3,13 @@
 The SQLAlchemy tests go through the real client stack: ``sqlite+libsql://`` ->
 sqlalchemy-libsql -> libsql_experimental -> Hrana over HTTP -> the server (a child
 process) -> stdlib sqlite3 on a file that the tests also open directly.  The raw
-protocol tests speak Hrana JSON with urllib to an in-process server.
+protocol tests speak Hrana JSON with urllib to the same server.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import signal
 import sqlite3
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -60,8 +56,7 @@ def _local(db_path: str) -> sqlite3.Connection:
 def test_addresses(server: LibsqlServer) -> None:
     assert server.url == f"libsql://127.0.0.1:{server.port}?tls=0"
     assert server.http_url == f"http://127.0.0.1:{server.port}"
-    assert server.sqlalchemy_url == f"sqlite+libsql://127.0.0.1:{server.port}/"
-    assert server.requests == 0
+    assert server.stats()["requests"] == 0
 
 
 def test_executemany_and_value_round_trip(engine, db_path: str) -> None:
@@ -240,7 +235,7 @@ def test_sql_error_surfaces_as_value_error(engine) -> None:
 @pytest.mark.parametrize("token", ["wrong-token", None])
 def test_wrong_or_missing_token_is_rejected(server: LibsqlServer, token: str | None) -> None:
     args = {"auth_token": token} if token else {}
-    eng = create_engine(server.sqlalchemy_url, connect_args=args)
+    eng = create_engine(f"sqlite+libsql://127.0.0.1:{server.port}/", connect_args=args)
     try:
         with pytest.raises(ValueError) as info:
             with eng.connect() as conn:
@@ -256,11 +251,11 @@ def test_wrong_or_missing_token_is_rejected(server: LibsqlServer, token: str | N
 def test_drop_next_causes_client_error_then_recovers(engine, server: LibsqlServer) -> None:
     with engine.connect() as conn:
         assert conn.execute(text("SELECT 1")).scalar() == 1
-        before = server.requests
+        before = server.stats()["requests"]
         server.drop_next(1)
         with pytest.raises(ValueError, match="connection closed before message completed"):
             conn.execute(text("SELECT 2"))
-        assert server.requests == before + 1
+        assert server.stats()["requests"] == before + 1
         # the dropped request was never processed, so the stream (baton) is intact
         assert conn.execute(text("SELECT 3")).scalar() == 3
     assert server.stats()["dropped"] == 1
@@ -320,10 +315,11 @@ def test_idle_stream_expiry_rolls_back(db_path: str) -> None:
 def test_two_connections_share_the_file(server: LibsqlServer) -> None:
     # The sqlite dialect treats a URL without a database path like ":memory:" and picks
     # SingletonThreadPool: every Connection in a thread shares ONE libsql connection.
-    default = create_engine(server.sqlalchemy_url, connect_args={"auth_token": TOKEN})
+    url = f"sqlite+libsql://127.0.0.1:{server.port}/"
+    default = create_engine(url, connect_args={"auth_token": TOKEN})
     assert isinstance(default.pool, sa.pool.SingletonThreadPool)
     default.dispose()
-    engine = create_engine(server.sqlalchemy_url, connect_args={"auth_token": TOKEN}, poolclass=sa.pool.QueuePool)
+    engine = create_engine(url, connect_args={"auth_token": TOKEN}, poolclass=sa.pool.QueuePool)
     with engine.begin() as conn:
         conn.execute(text("CREATE TABLE c (x INTEGER)"))
     with engine.connect() as a, engine.connect() as b:
@@ -335,40 +331,12 @@ def test_two_connections_share_the_file(server: LibsqlServer) -> None:
     engine.dispose()
 
 
-# ------------------------------------------------------------------ command line
-
-
-def test_cli_prints_url_and_stops_on_sigterm(db_path: str) -> None:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT / "tests"), os.environ.get("PYTHONPATH")])))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "support.libsql_server", db_path, "--port", "0", "--auth-token", TOKEN],
-        stdout=subprocess.PIPE,
-        stdin=subprocess.DEVNULL,
-        env=env,
-        text=True,
-    )
-    try:
-        line = proc.stdout.readline()
-        url = json.loads(line)["url"]
-        assert url.startswith("libsql://127.0.0.1:") and url.endswith("?tls=0")
-        port = int(url.split(":")[2].split("?")[0])
-        conn = libsql_experimental.connect(f"http://127.0.0.1:{port}", auth_token=TOKEN)
-        assert conn.execute("SELECT 40 + 2").fetchall() == [(42,)]
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=5) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(5)
-        proc.stdout.close()
-
-
-# ------------------------------------------------------------------ raw Hrana (in-process server)
+# ------------------------------------------------------------------ raw Hrana
 
 
 @pytest.fixture
 def raw(db_path: str):
-    with LibsqlServer(db_path, auth_token=TOKEN, in_process=True) as srv:
+    with LibsqlServer(db_path, auth_token=TOKEN) as srv:
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
         def post(body: dict, path: str = "/v3/pipeline", token: str | None = TOKEN):
@@ -391,13 +359,13 @@ def _stmt(sql: str, *args, want_rows: bool = True) -> dict:
 
 def test_raw_pipeline_request_types(raw) -> None:
     status, data = raw({"baton": None, "requests": [
-        {"type": "sequence", "sql": "CREATE TABLE t (a INTEGER, b TEXT); CREATE TABLE log (m TEXT);"
-                                    "CREATE TRIGGER tr AFTER INSERT ON t BEGIN INSERT INTO log VALUES ('x;y'); END;"},
-        {"type": "store_sql", "sql_id": 7, "sql": "INSERT INTO t VALUES (?, ?)"},
-        {"type": "execute", "stmt": {"sql_id": 7, "args": [
+        {"type": "execute", "stmt": _stmt("CREATE TABLE t (a INTEGER, b TEXT)")},
+        {"type": "execute", "stmt": _stmt("CREATE TABLE log (m TEXT)")},
+        {"type": "execute",
+         "stmt": _stmt("CREATE TRIGGER tr AFTER INSERT ON t BEGIN INSERT INTO log VALUES ('x;y'); END")},
+        {"type": "execute", "stmt": {"sql": "INSERT INTO t VALUES (?, ?)", "args": [
             {"type": "integer", "value": "9007199254740993"}, {"type": "text", "value": "ü"}]}},
-        {"type": "close_sql", "sql_id": 7},
-        {"type": "execute", "stmt": {"sql_id": 7}},
+        {"type": "execute", "stmt": {"sql": "SELECT 1; SELECT 2"}},
         {"type": "execute", "stmt": {"sql": "SELECT a, b, x'00ff', 1.5, NULL FROM t WHERE a = :a",
                                      "named_args": [{"name": ":a", "value": {"type": "integer",
                                                                             "value": "9007199254740993"}}]}},
@@ -411,9 +379,9 @@ def test_raw_pipeline_request_types(raw) -> None:
     assert out["baton"] and out["base_url"] is None
     r = out["results"]
     assert [x["type"] for x in r] == ["ok", "ok", "ok", "ok", "error", "ok", "ok", "ok", "ok", "ok"]
-    assert r[2]["response"]["result"]["affected_row_count"] == 1
-    assert r[2]["response"]["result"]["last_insert_rowid"] == "1"
-    assert r[4]["error"]["code"] == "SQL_NOT_FOUND"
+    assert r[3]["response"]["result"]["affected_row_count"] == 1
+    assert r[3]["response"]["result"]["last_insert_rowid"] == "1"
+    assert r[4]["error"]["code"] == "SQL_MANY_STATEMENTS"
     rows = r[5]["response"]["result"]["rows"]
     assert rows == [[
         {"type": "integer", "value": "9007199254740993"}, {"type": "text", "value": "ü"},
@@ -485,9 +453,8 @@ def test_raw_auth_and_paths(raw) -> None:
     assert status == 401 and TOKEN not in data and json.loads(data)["error"]
     status, data = raw({"baton": None, "requests": []}, token=None)
     assert status == 401
-    status, data = raw({"baton": None, "requests": [{"type": "get_autocommit"}, {"type": "close"}]},
-                       path="/v2/pipeline")
-    assert status == 200 and json.loads(data)["results"][0]["response"]["is_autocommit"] is True
+    status, data = raw({"baton": None, "requests": [{"type": "sequence", "sql": "SELECT 1"}, {"type": "close"}]})
+    assert status == 200 and json.loads(data)["results"][0]["error"]["code"] == "HRANA_PROTO_ERROR"
     status, _ = raw({}, path="/v1/execute")
     assert status == 404
 

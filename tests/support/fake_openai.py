@@ -33,19 +33,17 @@ during the sleep) are logged with ``status`` 0.
 Files and Batch APIs (``/v1/files``, ``/v1/batches``): see :class:`FakeBatches`
 (``FakeOpenAI.batches``), with a fast-forward switch and upload/billing counters.
 
-Run ``python -m support.fake_openai --help`` for the command line.
+In-process only: tests, scripts/chaos and scripts/bench start it with ``FakeOpenAI(...)``.
 """
 
 from __future__ import annotations
 
-import argparse
 import base64
 import functools
 import hashlib
 import json
 import math
 import random
-import signal
 import socket
 import socketserver
 import sys
@@ -60,14 +58,12 @@ import tiktoken
 
 __all__ = [
     "FakeOpenAI",
-    "FakeOpenAIAdmin",
     "FakeBatches",
     "fake_vector",
     "default_dimensions",
     "count_tokens",
     "FAULT_KINDS",
     "MODEL_DIMENSIONS",
-    "main",
 ]
 
 MODEL_DIMENSIONS: dict[str, int] = {
@@ -386,10 +382,8 @@ class _Handler(BaseHTTPRequestHandler):
                 fake._handle_embeddings(self, body)
             elif path == "/v1/models" and method == "GET":
                 fake._handle_models(self)
-            elif path.startswith(("/v1/files", "/v1/batches", "/_admin/batches")):
+            elif path.startswith(("/v1/files", "/v1/batches")):
                 fake.batches.handle(self, method, path, parse_qs(parts.query), body)
-            elif path.startswith("/_admin/"):
-                fake._handle_admin(self, method, path, parse_qs(parts.query), body)
             else:
                 self.send_json(
                     404,
@@ -418,7 +412,7 @@ class _Handler(BaseHTTPRequestHandler):
 class FakeOpenAI:
     """An OpenAI-compatible embeddings server on ``127.0.0.1`` (see the module docstring).
 
-    Settings (constructor keywords, :meth:`configure`, ``POST /_admin/config``):
+    Settings (constructor keywords or :meth:`configure`):
 
     ``api_key``               required bearer key (None: any ``Bearer`` key is accepted)
     ``rpm``, ``tpm``          per-minute token buckets (None: unlimited)
@@ -506,7 +500,7 @@ class FakeOpenAI:
 
     @property
     def url(self) -> str:
-        """Root URL (admin endpoints live under ``url + "/_admin/..."``)."""
+        """Root URL (``base_url`` without ``/v1``)."""
         return f"http://127.0.0.1:{self._port}"
 
     @property
@@ -600,14 +594,6 @@ class FakeOpenAI:
                 raise ValueError(f"unknown fault kind {k!r}; known: {', '.join(FAULT_KINDS)}")
         with self._lock:
             self._fault_queue.extend(flat)
-
-    def pending_faults(self) -> list[str]:
-        with self._lock:
-            return list(self._fault_queue)
-
-    def clear_faults(self) -> None:
-        with self._lock:
-            self._fault_queue.clear()
 
     # -- observability ----------------------------------------------------
     def reset_log(self) -> None:
@@ -746,7 +732,9 @@ class FakeOpenAI:
                 )
             ) from None
         if not isinstance(req, dict):
-            raise _BadRequest(_err("Request body must be a JSON object.", "invalid_request_error", None, None, with_param=True))
+            raise _BadRequest(
+                _err("Request body must be a JSON object.", "invalid_request_error", None, None, with_param=True)
+            )
         model = req.get("model")
         if not isinstance(model, str) or not model:
             raise _BadRequest(
@@ -1074,103 +1062,6 @@ class FakeOpenAI:
         else:  # pragma: no cover - kinds are validated on the way in
             raise ValueError(f"unknown fault {fault!r}")
 
-    # -- admin ------------------------------------------------------------
-    def _handle_admin(self, h: _Handler, method: str, path: str, query: dict[str, list[str]], raw: bytes) -> None:
-        def body_json() -> dict:
-            if not raw:
-                return {}
-            obj = json.loads(raw.decode("utf-8"))
-            if not isinstance(obj, dict):
-                raise ValueError("admin body must be a JSON object")
-            return obj
-
-        try:
-            if path == "/_admin/stats" and method == "GET":
-                h.send_json(200, self.stats())
-            elif path == "/_admin/inputs" and method == "GET":
-                st = (query.get("status") or ["200"])[0]
-                status = None if st.lower() in ("", "all", "any", "none") else int(st)
-                inc = (query.get("include_faulted") or ["0"])[0].lower() in ("1", "true", "yes")
-                h.send_json(200, self.inputs_seen(status, include_faulted=inc))
-            elif path == "/_admin/log" and method == "GET":
-                with self._lock:
-                    entries = [dict(e) for e in self.log]
-                h.send_json(200, entries)
-            elif path == "/_admin/config" and method == "GET":
-                h.send_json(200, self.settings | {"pending_faults": self.pending_faults()})
-            elif path == "/_admin/config" and method == "POST":
-                self.configure(**body_json())
-                h.send_json(200, self.settings | {"pending_faults": self.pending_faults()})
-            elif path == "/_admin/faults" and method == "POST":
-                obj = body_json()
-                faults = obj.get("faults") or []
-                if isinstance(faults, str):
-                    faults = [faults]
-                if obj.get("clear"):
-                    self.clear_faults()
-                self.push_faults(*faults)
-                h.send_json(200, {"pending_faults": self.pending_faults()})
-            elif path == "/_admin/reset" and method == "POST":
-                self.reset()
-                h.send_json(200, {"ok": True})
-            else:
-                h.send_json(404, _err(f"unknown admin endpoint {method} {path}", "invalid_request_error"))
-        except (ValueError, TypeError) as exc:
-            h.send_json(400, _err(f"bad admin request: {exc}", "invalid_request_error"))
-
-
-class FakeOpenAIAdmin:
-    """Talks to a :class:`FakeOpenAI` running in another process via its ``/_admin`` endpoints.
-
-    ``base_url`` may be the ``.../v1`` URL the server printed or its root URL.
-    """
-
-    def __init__(self, base_url: str, timeout: float = 10.0) -> None:
-        root = base_url.rstrip("/")
-        if root.endswith("/v1"):
-            root = root[: -len("/v1")]
-        self.root = root
-        self.timeout = timeout
-
-    def _call(self, method: str, path: str, body: Any = None) -> Any:
-        import urllib.request
-
-        data = None if body is None else json.dumps(body).encode("utf-8")
-        req = urllib.request.Request(
-            self.root + path, data=data, method=method, headers={"Content-Type": "application/json"}
-        )
-        with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-            return json.loads(resp.read().decode("utf-8"))
-
-    def stats(self) -> dict[str, Any]:
-        return self._call("GET", "/_admin/stats")
-
-    def inputs_seen(self, status: int | None = 200, *, include_faulted: bool = False) -> list[str]:
-        st = "all" if status is None else str(status)
-        return self._call("GET", f"/_admin/inputs?status={st}&include_faulted={int(include_faulted)}")
-
-    def log(self) -> list[dict[str, Any]]:
-        return self._call("GET", "/_admin/log")
-
-    def configure(self, **settings: Any) -> dict[str, Any]:
-        return self._call("POST", "/_admin/config", settings)
-
-    def push_faults(self, *kinds: str) -> list[str]:
-        return self._call("POST", "/_admin/faults", {"faults": list(kinds)})["pending_faults"]
-
-    def reset(self) -> None:
-        self._call("POST", "/_admin/reset", {})
-
-    def batch_stats(self) -> dict[str, Any]:
-        return self._call("GET", "/_admin/batches/stats")
-
-    def configure_batches(self, **settings: Any) -> dict[str, Any]:
-        return self._call("POST", "/_admin/batches/config", settings)
-
-    def complete_batches(self, batch_id: str | None = None) -> int:
-        return self._call("POST", "/_admin/batches/complete", {"batch_id": batch_id})["completed"]
-
-
 # --------------------------------------------------------------------------- files & batches
 
 BATCH_MAX_LINES = 50_000
@@ -1224,8 +1115,7 @@ class FakeBatches:
     (unless ``hold``); then every request line is answered with the same deterministic vectors as
     ``/v1/embeddings`` (``fail_inputs`` lines go to the error file with status 400). Counters
     (:meth:`stats`) tell how many request lines and inputs were uploaded and billed, so a test can
-    prove that no row was sent twice.  Reached as ``FakeOpenAI.batches``; admin endpoints under
-    ``/_admin/batches/``.
+    prove that no row was sent twice.  Reached as ``FakeOpenAI.batches``.
     """
 
     def __init__(self, fake: FakeOpenAI) -> None:
@@ -1297,9 +1187,6 @@ class FakeBatches:
 
     # -- HTTP -------------------------------------------------------------
     def handle(self, h: _Handler, method: str, path: str, query: dict[str, list[str]], raw: bytes) -> None:
-        if path.startswith("/_admin/batches"):
-            self._admin(h, method, path, raw)
-            return
         bad = self.fake._check_auth(h, self.fake.settings["api_key"])
         if bad:
             h.send_json(401, bad)
@@ -1435,7 +1322,9 @@ class FakeBatches:
             return
         fid, endpoint = req.get("input_file_id"), req.get("endpoint")
         if req.get("completion_window") != "24h":
-            h.send_json(400, _err("completion_window must be '24h'", "invalid_request_error", None, "completion_window"))
+            h.send_json(
+                400, _err("completion_window must be '24h'", "invalid_request_error", None, "completion_window")
+            )
             return
         if endpoint not in BATCH_ENDPOINTS:
             h.send_json(400, _err(f"the fake supports only {BATCH_ENDPOINTS} (got {endpoint!r})",
@@ -1593,93 +1482,3 @@ class FakeBatches:
         payload = {"object": "list", "data": self.fake._embedding_items(v, v.fmt), "model": v.model,
                    "usage": {"prompt_tokens": v.total_tokens, "total_tokens": v.total_tokens}}
         return 200, payload, list(v.texts)
-
-    def _admin(self, h: _Handler, method: str, path: str, raw: bytes) -> None:
-        try:
-            body = json.loads(raw) if raw else {}
-            if path == "/_admin/batches/stats" and method == "GET":
-                h.send_json(200, self.stats())
-            elif path == "/_admin/batches/config" and method == "POST":
-                h.send_json(200, self.configure(**body))
-            elif path == "/_admin/batches/complete" and method == "POST":
-                h.send_json(200, {"completed": self.complete_batches(body.get("batch_id"))})
-            elif path == "/_admin/batches/reset" and method == "POST":
-                self.reset()
-                h.send_json(200, {"ok": True})
-            else:
-                h.send_json(404, _err(f"unknown admin endpoint {method} {path}", "invalid_request_error"))
-        except (ValueError, TypeError) as exc:
-            h.send_json(400, _err(f"bad admin request: {exc}", "invalid_request_error"))
-
-
-# --------------------------------------------------------------------------- CLI
-
-
-def _build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m support.fake_openai",
-        description="OpenAI-compatible fake embeddings server (binds 127.0.0.1 only). Prints one JSON line "
-        '{"base_url": ...} once listening; serves until SIGTERM/SIGINT.',
-    )
-    p.add_argument("--port", type=int, default=0, help="port to bind (0: pick a free one)")
-    p.add_argument("--rpm", type=int, default=None, help="requests per minute limit")
-    p.add_argument("--tpm", type=int, default=None, help="tokens per minute limit")
-    p.add_argument("--latency-ms", type=float, default=0.0, help="sleep per embeddings request")
-    p.add_argument("--latency-per-input-ms", type=float, default=0.0, help="extra sleep per input")
-    p.add_argument(
-        "--fail-input", action="append", default=[], metavar="TEXT", help="substring that makes a request 400 (repeatable)"
-    )
-    p.add_argument("--fault-rate", type=float, default=0.0, help="probability of a random fault per request")
-    p.add_argument(
-        "--fault-kinds",
-        default=",".join(DEFAULT_RANDOM_FAULT_KINDS),
-        help=f"comma-separated kinds for random faults, from: {','.join(FAULT_KINDS)}",
-    )
-    p.add_argument("--seed", type=int, default=0, help="seed for random faults")
-    p.add_argument("--hang-s", type=float, default=30.0, help="how long a 'hang' fault hangs")
-    p.add_argument("--dimensions-override", type=int, default=None, help="force every vector to this length")
-    p.add_argument("--api-key", default=None, help="required bearer key (default: accept any)")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = _build_parser().parse_args(argv)
-    try:
-        srv = FakeOpenAI(
-            port=args.port,
-            rpm=args.rpm,
-            tpm=args.tpm,
-            latency_ms=args.latency_ms,
-            latency_per_input_ms=args.latency_per_input_ms,
-            fail_inputs=args.fail_input,
-            fault_rate=args.fault_rate,
-            fault_kinds=args.fault_kinds,
-            seed=args.seed,
-            hang_s=args.hang_s,
-            dimensions_override=args.dimensions_override,
-            api_key=args.api_key,
-        )
-    except ValueError as exc:
-        print(f"fake_openai: {exc}", file=sys.stderr)
-        return 2
-    stop = threading.Event()
-
-    def _on_signal(signum: int, frame: Any) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGINT, _on_signal)
-    _encoding()  # load the tokenizer before announcing readiness
-    srv.start()
-    try:
-        sys.stdout.write(json.dumps({"base_url": srv.base_url}) + "\n")
-        sys.stdout.flush()
-        while not stop.wait(0.2):
-            pass
-    finally:
-        srv.stop()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

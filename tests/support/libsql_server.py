@@ -1,8 +1,8 @@
 """A small libSQL *remote* server (Hrana over HTTP) on loopback, for tests.
 
-``sqld`` is not available on every machine, so this module implements enough of
-the Hrana-over-HTTP protocol (versions 2 and 3: ``POST /v2/pipeline``,
-``POST /v3/pipeline`` and ``POST /v3/cursor``) on top of the standard-library
+``sqld`` is not available on every machine, so this module implements the part of
+the Hrana-over-HTTP protocol (version 3: ``POST /v3/pipeline`` and
+``POST /v3/cursor``) that the client sends, on top of the standard-library
 :mod:`sqlite3` module for ``libsql_experimental`` (and therefore the
 ``sqlite+libsql://`` SQLAlchemy dialect) to talk to it as to a real remote
 libSQL database.
@@ -10,10 +10,9 @@ libSQL database.
 Important: ``libsql_experimental`` keeps the GIL while it waits on the network,
 so a server running on a thread of the *same* process as the client would
 never get to answer.  :class:`LibsqlServer` therefore runs the server in a
-child process by default (``python -m support.libsql_server``) and
-talks to it through small loopback control endpoints for :meth:`drop_next` and
-:attr:`requests`.  ``in_process=True`` runs it on a thread instead, which is
-only usable by clients that release the GIL (plain HTTP clients, for example).
+child process (``python -m support.libsql_server``, started by
+:meth:`LibsqlServer.start`; not a command for people) and talks to it through
+small loopback control endpoints for :meth:`drop_next` and :meth:`stats`.
 
 Usage::
 
@@ -22,13 +21,6 @@ Usage::
             f"sqlite+libsql://127.0.0.1:{srv.port}/",
             connect_args={"auth_token": "t"},
         )
-
-Command line::
-
-    python -m support.libsql_server DB_PATH --port 0 --auth-token T
-
-prints one line ``{"url": "libsql://127.0.0.1:PORT?tls=0"}`` and serves until
-SIGTERM/SIGINT.
 
 Streams: every baton belongs to one stream, and every stream owns one
 :mod:`sqlite3` connection (``isolation_level=None``, so the client's own
@@ -59,8 +51,8 @@ What libsql_experimental 0.0.55 actually sends (observed):
   "Hrana: `api error: `status=401 ...`", "Hrana: `http error: `connection
   closed before message completed``").
 
-Not sent by that client but implemented (and tested with raw HTTP):
-``execute``, ``sequence``, ``store_sql``/``close_sql``, ``POST /v2/pipeline``.
+Also implemented: ``execute`` (the plain one-statement request), so raw-HTTP
+tests can read values back.
 """
 
 from __future__ import annotations
@@ -88,7 +80,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-__all__ = ["LibsqlServer", "serve", "main"]
+__all__ = ["LibsqlServer", "split_sql"]
 
 HOST = "127.0.0.1"
 DEFAULT_IDLE_TIMEOUT = 60.0
@@ -100,9 +92,8 @@ _CONTROL_HEADER = "X-Backfill-Control"
 _CONTROL_PREFIX = "/_backfill/"
 _DEBUG_ENV = "BACKFILL_LIBSQL_SERVER_DEBUG"
 
-_PIPELINE_PATHS = {"/v2/pipeline", "/v3/pipeline", "/v3-protobuf/pipeline"}
+_PIPELINE_PATHS = {"/v3/pipeline"}
 _CURSOR_PATHS = {"/v3/cursor"}
-_PROBE_PATHS = {"/", "/health", "/version", "/v2", "/v3"}
 
 
 class HranaError(Exception):
@@ -238,7 +229,6 @@ class _Stream:
         )
         self.conn.text_factory = lambda b: b.decode("utf-8", "replace")
         self.lock = threading.Lock()
-        self.sqls: dict[int, str] = {}
         self.last_used = time.monotonic()
         self.closed = False
 
@@ -258,22 +248,15 @@ class _Stream:
 
     # -- statements
 
-    def _stmt_sql(self, stmt: dict[str, Any]) -> str:
-        if stmt.get("sql") is not None:
-            return stmt["sql"]
-        if stmt.get("sql_id") is not None:
-            try:
-                return self.sqls[int(stmt["sql_id"])]
-            except KeyError:
-                raise HranaError(f"SQL text {stmt['sql_id']} not found", "SQL_NOT_FOUND") from None
-        raise HranaError("statement has neither sql nor sql_id", "HRANA_PROTO_ERROR")
-
-    def _sql(self, req: dict[str, Any]) -> str:
-        return self._stmt_sql(req)
+    @staticmethod
+    def _sql(stmt: dict[str, Any]) -> str:
+        if stmt.get("sql") is None:
+            raise HranaError("statement has no sql", "HRANA_PROTO_ERROR")
+        return stmt["sql"]
 
     def execute(self, stmt: dict[str, Any]) -> tuple[list[dict[str, Any]], list[list[Any]], dict[str, Any]]:
         """Run one statement; return (cols, python rows, extra result fields)."""
-        sql = self._stmt_sql(stmt)
+        sql = self._sql(stmt)
         args = [decode_value(v) for v in stmt.get("args") or []]
         named = {}
         for item in stmt.get("named_args") or []:
@@ -386,13 +369,6 @@ class _Stream:
             )
         return entries
 
-    def sequence(self, req: dict[str, Any]) -> None:
-        for sql in split_sql(self._sql(req)):
-            try:
-                self.conn.execute(sql)
-            except sqlite3.Error as exc:
-                raise _sqlite_error(exc) from None
-
     def _explain(self, sql: str, prefix: str = "EXPLAIN ") -> tuple[list[Any], int]:
         """EXPLAIN ``sql`` with NULLs bound to every parameter; return (program, n_params)."""
         params: list[None] = []
@@ -497,17 +473,8 @@ class _Stream:
             return {"type": "execute", "result": self.stmt_result(req["stmt"])}
         if kind == "batch":
             return {"type": "batch", "result": self.batch(req["batch"])}
-        if kind == "sequence":
-            self.sequence(req)
-            return {"type": "sequence"}
         if kind == "describe":
             return {"type": "describe", "result": self.describe(req)}
-        if kind == "store_sql":
-            self.sqls[int(req["sql_id"])] = req["sql"]
-            return {"type": "store_sql"}
-        if kind == "close_sql":
-            self.sqls.pop(int(req["sql_id"]), None)
-            return {"type": "close_sql"}
         if kind == "get_autocommit":
             return {"type": "get_autocommit", "is_autocommit": not self.conn.in_transaction}
         if kind == "close":
@@ -639,16 +606,16 @@ class _Backend:
             try:
                 for req in body.get("requests") or []:
                     if stream.closed:
-                        results.append({"type": "error", "error": {"message": "stream is closed", "code": "STREAM_CLOSED"}})
+                        error = HranaError("stream is closed", "STREAM_CLOSED")
+                        results.append({"type": "error", "error": error.to_json()})
                         continue
                     try:
                         results.append({"type": "ok", "response": stream.handle(req)})
                     except HranaError as exc:
                         results.append({"type": "error", "error": exc.to_json()})
                     except (KeyError, TypeError, ValueError) as exc:
-                        results.append(
-                            {"type": "error", "error": {"message": f"malformed request: {exc!r}", "code": "HRANA_PROTO_ERROR"}}
-                        )
+                        error = HranaError(f"malformed request: {exc!r}", "HRANA_PROTO_ERROR")
+                        results.append({"type": "error", "error": error.to_json()})
             finally:
                 baton = self._release(stream)
         return {"baton": baton, "base_url": None, "results": results}
@@ -735,8 +702,6 @@ class _Handler(BaseHTTPRequestHandler):
         path = self.path.split("?", 1)[0]
         if path.startswith(_CONTROL_PREFIX):
             self._control(path, b"")
-        elif path in _PROBE_PATHS:
-            self._send(HTTPStatus.OK, b"", "text/plain")
         else:
             self._send_error(HTTPStatus.NOT_FOUND, f"not found: {path}")
 
@@ -754,13 +719,12 @@ class _Handler(BaseHTTPRequestHandler):
             return
         request: Any = None
         bad_json: str | None = None
-        if path != "/v3-protobuf/pipeline":
-            try:
-                request = json.loads(body or b"{}")
-                if not isinstance(request, dict):
-                    raise ValueError("request body must be a JSON object")
-            except ValueError as exc:
-                bad_json = str(exc)
+        try:
+            request = json.loads(body or b"{}")
+            if not isinstance(request, dict):
+                raise ValueError("request body must be a JSON object")
+        except ValueError as exc:
+            bad_json = str(exc)
         kinds = {"cursor"} if path in _CURSOR_PATHS else set()
         if isinstance(request, dict):
             for item in request.get("requests") or []:
@@ -776,9 +740,6 @@ class _Handler(BaseHTTPRequestHandler):
             with backend.lock:
                 backend.unauthorized += 1
             self._send_error(HTTPStatus.UNAUTHORIZED, "Unauthorized: missing or invalid auth token")
-            return
-        if path == "/v3-protobuf/pipeline":
-            self._send_error(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "protobuf encoding is not supported")
             return
         if bad_json is not None:
             self._send_error(HTTPStatus.BAD_REQUEST, f"invalid JSON body: {bad_json}")
@@ -854,12 +815,11 @@ def serve(
 
 
 class LibsqlServer:
-    """A loopback libSQL remote server backed by the SQLite file ``db_path``.
+    """A loopback libSQL remote server backed by the SQLite file ``db_path``, in a child process.
 
-    ``url`` is the project's form (``libsql://127.0.0.1:PORT?tls=0``),
-    ``http_url`` is what ``libsql_experimental.connect`` takes, and the
-    SQLAlchemy URL is ``sqlite+libsql://127.0.0.1:PORT/`` (see
-    :attr:`sqlalchemy_url`), with ``connect_args={"auth_token": ...}``.
+    ``url`` is the project's form (``libsql://127.0.0.1:PORT?tls=0``); ``http_url`` is what
+    ``libsql_experimental.connect`` takes.  Set ``BACKFILL_LIBSQL_SERVER_DEBUG=1`` to log every
+    request and response to stderr.
     """
 
     def __init__(
@@ -869,20 +829,14 @@ class LibsqlServer:
         port: int = 0,
         *,
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
-        in_process: bool = False,
-        debug: bool | None = None,
         startup_timeout: float = 15.0,
     ) -> None:
         self.db_path = str(db_path)
         self.auth_token = auth_token
         self._requested_port = int(port)
         self.idle_timeout = idle_timeout
-        self.in_process = in_process
-        self.debug = bool(os.environ.get(_DEBUG_ENV)) if debug is None else debug
         self.startup_timeout = startup_timeout
         self._control_token = secrets.token_urlsafe(24)
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
         self._proc: subprocess.Popen[str] | None = None
         self.port: int | None = None
 
@@ -891,28 +845,6 @@ class LibsqlServer:
     def start(self) -> LibsqlServer:
         if self.port is not None:
             return self
-        if self.in_process:
-            self._server = serve(
-                self.db_path,
-                self.auth_token,
-                self._requested_port,
-                idle_timeout=self.idle_timeout,
-                control_token=self._control_token,
-                debug=self.debug,
-            )
-            self.port = self._server.server_address[1]
-            self._thread = threading.Thread(
-                target=self._server.serve_forever,
-                kwargs={"poll_interval": 0.05},
-                name=f"libsql-server-{self.port}",
-                daemon=True,
-            )
-            self._thread.start()
-            return self
-        self._start_subprocess()
-        return self
-
-    def _start_subprocess(self) -> None:
         package_root = str(Path(__file__).resolve().parents[1])  # tests/: `support` is importable from there
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
@@ -920,21 +852,19 @@ class LibsqlServer:
         env.pop(_AUTH_ENV, None)
         if self.auth_token:
             env[_AUTH_ENV] = self.auth_token  # via the environment: not visible in `ps`
-        if self.debug:
-            env[_DEBUG_ENV] = "1"
         cmd = [
             sys.executable, "-m", "support.libsql_server", self.db_path,
             "--port", str(self._requested_port),
             "--idle-timeout", str(self.idle_timeout),
             "--parent-pid", str(os.getpid()),
         ]
-        self._proc = subprocess.Popen(
+        proc = self._proc = subprocess.Popen(
             cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, env=env, text=True
         )
+        stdout = proc.stdout
+        assert stdout is not None  # stdout=PIPE
         line: list[str] = []
-        reader = threading.Thread(
-            target=lambda: line.append(self._proc.stdout.readline()), daemon=True  # type: ignore[union-attr]
-        )
+        reader = threading.Thread(target=lambda: line.append(stdout.readline()), daemon=True)
         reader.start()
         reader.join(self.startup_timeout)
         first = line[0] if line else ""
@@ -944,16 +874,9 @@ class LibsqlServer:
         except (ValueError, KeyError, IndexError):
             self.stop()
             raise RuntimeError(f"libsql test server did not start (first output line: {first!r})") from None
+        return self
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server.backend.close_all()
-            self._server = None
-        if self._thread is not None:
-            self._thread.join(5)
-            self._thread = None
         if self._proc is not None:
             proc, self._proc = self._proc, None
             if proc.poll() is None:
@@ -988,21 +911,9 @@ class LibsqlServer:
     def http_url(self) -> str:
         return f"http://{HOST}:{self._need_port()}"
 
-    @property
-    def sqlalchemy_url(self) -> str:
-        return f"sqlite+libsql://{HOST}:{self._need_port()}/"
-
     # -- control
 
     def _control(self, name: str, payload: dict[str, Any] | None = None) -> dict[str, Any]:
-        if self._server is not None:
-            backend = self._server.backend
-            if name == "drop_next":
-                payload = payload or {}
-                backend.drop_next(
-                    int(payload.get("n", 1)), bool(payload.get("after_processing")), payload.get("kind")
-                )
-            return backend.stats()
         data = None if payload is None else json.dumps(payload).encode()
         req = urllib.request.Request(
             f"{self.http_url}{_CONTROL_PREFIX}{name}",
@@ -1039,11 +950,6 @@ class LibsqlServer:
         streams_opened, streams_expired."""
         return self._control("stats")
 
-    @property
-    def requests(self) -> int:
-        """Hrana requests received (pipeline and cursor, including 401s and dropped ones)."""
-        return self.stats()["requests"]
-
 
 # ---------------------------------------------------------------- command line
 
@@ -1055,28 +961,21 @@ def _watch_parent(pid: int, stop: threading.Event) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m support.libsql_server",
-        description="Serve an SQLite file as a libSQL remote (Hrana over HTTP) on 127.0.0.1.",
-    )
+    """The child process of :class:`LibsqlServer`: token and control token come from the environment."""
+    parser = argparse.ArgumentParser(prog="python -m support.libsql_server")
     parser.add_argument("db_path")
     parser.add_argument("--port", type=int, default=0)
-    parser.add_argument(
-        "--auth-token", default=os.environ.get(_AUTH_ENV) or None,
-        help=f"required bearer token (default: ${_AUTH_ENV}; none means no auth)",
-    )
     parser.add_argument("--idle-timeout", type=float, default=DEFAULT_IDLE_TIMEOUT)
-    parser.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--debug", action="store_true", default=bool(os.environ.get(_DEBUG_ENV)))
+    parser.add_argument("--parent-pid", type=int, default=None)
     args = parser.parse_args(argv)
 
     server = serve(
         args.db_path,
-        args.auth_token,
+        os.environ.get(_AUTH_ENV) or None,
         args.port,
         idle_timeout=args.idle_timeout,
         control_token=os.environ.get(_CONTROL_ENV) or None,
-        debug=args.debug,
+        debug=bool(os.environ.get(_DEBUG_ENV)),
     )
     stop = threading.Event()
 
