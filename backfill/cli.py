@@ -78,7 +78,7 @@ DatabaseUrl = Annotated[
         show_default=False, rich_help_panel=CORE,
     ),
 ]
-class Format(str, enum.Enum):
+class Format(enum.StrEnum):
     auto = "auto"
     human = "human"
     json = "json"
@@ -125,7 +125,9 @@ def _main(
     _global["quiet"] = quiet or _from_argv["quiet"]
 
 
-def _execute(log_format: Format | str, settings_factory: Callable[[], Settings], body: Callable[[Settings], int | None]) -> None:
+def _execute(
+    log_format: Format | str, settings_factory: Callable[[], Settings], body: Callable[[Settings], int | None]
+) -> None:
     """Run one command body; every expected failure becomes one line and its exit code."""
     settings: Settings | None = None
     log_format = Format(log_format).value
@@ -225,8 +227,9 @@ BaseUrl = Annotated[str | None, typer.Option("--base-url", rich_help_panel=CORE,
 Target = Annotated[str, typer.Option("--target", help="memories, entities or all.", rich_help_panel=CORE)]
 BatchSize = Annotated[int, typer.Option("-b", "--batch-size", rich_help_panel=PACING,
                                         help="Inputs per API request (seed: rows per batch).")]
-DelayMs = Annotated[int, typer.Option("-d", "--delay-ms", rich_help_panel=PACING,
-                                      help="Extra pause between requests, in ms (pacing follows the quota without it).")]
+DelayMs = Annotated[int, typer.Option(
+    "-d", "--delay-ms", rich_help_panel=PACING,
+    help="Extra pause between requests, in ms (pacing follows the quota without it).")]
 Concurrency = Annotated[int, typer.Option("--concurrency", help="Requests in flight at once.", rich_help_panel=PACING)]
 Limit = Annotated[int | None, typer.Option("--limit", rich_help_panel=PACING,
                                               help="Stop after this many rows (the job stays resumable).")]
@@ -282,7 +285,8 @@ def _request(provider: str | None, model, dimensions, target, user_email, batch_
              max_runtime, recipe, reembed_all, max_rpm, max_tpm, timeout, wait):
     from backfill.commands import RunRequest
 
-    return RunRequest(provider=provider, model=model, dimensions=dimensions, target=target, user_email=user_email,
+    # "" when --provider is not given: resolve_provider falls back to BACKFILL_PROVIDER, then openai
+    return RunRequest(provider=provider or "", model=model, dimensions=dimensions, target=target, user_email=user_email,
                       batch_size=batch_size, delay_ms=delay_ms, concurrency=concurrency, limit=limit,
                       max_runtime_s=max_runtime, recipe=recipe, reembed_all=reembed_all, max_rpm=max_rpm,
                       max_tpm=max_tpm, timeout_s=timeout, wait=wait)
@@ -319,13 +323,15 @@ def _job_command(action: str, doc: str) -> Callable[..., None]:
     return command
 
 
-app.command("run", cls=FlagCommand)(_job_command("run", """Embed every row that needs it: start a job, or resume the open one with the same parameters.
+app.command("run", cls=FlagCommand)(_job_command("run", """Embed every row that needs it: start a job,
+    or resume the open one with the same parameters.
 
     Example: backfill run -b 100 -u alice@example.com
 
     Batch API (half price, within 24 h): backfill run --mode batch -b 500 --max-runtime 60; later: backfill resume
     """))
-app.command("up", cls=FlagCommand)(_job_command("up", """The whole chain: migrate -> verify -> run (resuming the open job) -> stats. Safe after every deploy.
+app.command("up", cls=FlagCommand)(_job_command("up", """The whole chain: migrate -> verify -> run
+    (resuming the open job) -> stats. Safe after every deploy.
 
     Example: backfill up --database-url ./memory.db --provider local
     """))
@@ -471,7 +477,7 @@ def sample_db(
 @app.command()
 def failures(job: JobArg = None, database_url: DatabaseUrl = None, as_json: JsonFlag = False,
              limit: Annotated[int, typer.Option("--limit", min=0, help="Rows to list (0: all).")] = 50,
-             log_format: LogFormat = "auto") -> None:
+             log_format: LogFormat = Format.auto) -> None:
     """The rows a job could not embed: table, id, attempts, reason; then the most common reasons.
 
     Example: backfill failures 7 --json

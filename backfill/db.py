@@ -108,7 +108,9 @@ def _file_target(path: str, *, libsql: bool) -> Database:
     return Database(url=url, kind="sqlite", display=f"sqlite file {p}", path=absolute)
 
 
-def _remote(host: str, port: int | None, query: dict[str, str], token: Secret | None, *, secure_default: bool) -> Database:
+def _remote(
+    host: str, port: int | None, query: dict[str, str], token: Secret | None, *, secure_default: bool
+) -> Database:
     query = dict(query)
     inline = query.pop("authToken", None) or query.pop("auth_token", None)
     tls = query.pop("tls", None)

@@ -88,7 +88,10 @@ def get(conn: Connection, job_id: int) -> Job:
 
 def find_open(conn: Connection, key: JobKey) -> Job | None:
     row = conn.execute(
-        sa.select(jobs_t).where(jobs_t.c.status.in_(OPEN_STATUSES), *_where_key(key)).order_by(jobs_t.c.id.desc()).limit(1)
+        sa.select(jobs_t)
+        .where(jobs_t.c.status.in_(OPEN_STATUSES), *_where_key(key))
+        .order_by(jobs_t.c.id.desc())
+        .limit(1)
     ).mappings().one_or_none()
     return Job(dict(row)) if row else None
 
@@ -156,7 +159,8 @@ def claim(conn: Connection, job: Job, worker: str, lease_s: float = LEASE_SECOND
         )
     ).rowcount
     if changed != 1:  # another worker won the race: name it, like any held lease
-        row = conn.execute(sa.select(jobs_t.c.worker_id, jobs_t.c.lease_expires_at).where(jobs_t.c.id == job.id)).first()
+        holder = sa.select(jobs_t.c.worker_id, jobs_t.c.lease_expires_at).where(jobs_t.c.id == job.id)
+        row = conn.execute(holder).first()
         who, until = (row[0], row[1]) if row is not None and row[0] else ("(another worker)", "its lease ends")
         raise LeaseHeld(f"job {job.id} is held by worker {who} until {until}; wait, or run again with --wait")
     return get(conn, job.id)
@@ -273,7 +277,11 @@ def resolve_failures(conn: Connection, job_id: int, target: str, row_ids: list[i
     if row_ids:
         conn.execute(
             failures_t.update()
-            .where(failures_t.c.job_id == job_id, failures_t.c.target == target, failures_t.c.row_id == sa.bindparam("rid"))
+            .where(
+                failures_t.c.job_id == job_id,
+                failures_t.c.target == target,
+                failures_t.c.row_id == sa.bindparam("rid"),
+            )
             .values(resolved=True, updated_at=now_iso()),
             [{"rid": r} for r in row_ids],
         )

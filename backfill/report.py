@@ -307,7 +307,8 @@ class Progress:
         event(
             "batch_committed", job=self.job_id, target=target, batch=o.batches, rows=len(rows),
             embedded=len(getattr(result, "written", result.vectors)), failed=len(result.failures),
-            skipped=len(result.skipped), changed=len(getattr(result, "changed", ())), gone=len(getattr(result, "gone", ())),
+            skipped=len(result.skipped), changed=len(getattr(result, "changed", ())),
+            gone=len(getattr(result, "gone", ())),
             tokens=result.tokens, elapsed_ms=round(elapsed * 1000), rate=round(rate, 2),
             eta_s=None if eta is None else round(eta, 1), cursor=cursor,
             totals={"selected": o.selected, "embedded": o.embedded, "failed": o.failed, "skipped": o.skipped,
@@ -348,7 +349,10 @@ def final_block(outcome: Any, coverage: float | None, total_rows: int | None) ->
         rows.append(f"   Unaddressable (NULL key, cannot be written): {outcome.unaddressable}")
     if coverage is not None:
         rows.append(f"   Coverage: {coverage:.0f}% of {total_rows} rows")
-    rows += [f"   Batches processed: {outcome.batches}", f"   Tokens: {outcome.tokens:,}  Cost: ${outcome.cost_usd:.4f}"]
+    rows += [
+        f"   Batches processed: {outcome.batches}",
+        f"   Tokens: {outcome.tokens:,}  Cost: ${outcome.cost_usd:.4f}",
+    ]
     if getattr(outcome, "tokens_saved", 0):
         rows.append(f"   Tokens saved by same-text dedupe: {outcome.tokens_saved:,}")
     if outcome.failed_ids:

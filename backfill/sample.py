@@ -139,7 +139,8 @@ def fill(engine: Engine, spec: SampleSpec) -> None:
         for i in range(spec.entities):
             batch.append({
                 "user_id": USERS[i % len(USERS)][0],
-                "name": _NON_ASCII[i % 6][:20] if i % 41 == 7 else f"{rng.choice(_WORDS).title()} {rng.choice(_WORDS).title()}",
+                "name": (_NON_ASCII[i % 6][:20] if i % 41 == 7
+                         else f"{rng.choice(_WORDS).title()} {rng.choice(_WORDS).title()}"),
                 "entity_type": ENTITY_TYPES[i % len(ENTITY_TYPES)],
                 "description": _text(rng, i, spec) if i % 5 else None,
                 "company": f"{rng.choice(_WORDS).title()} Inc" if i % 3 == 0 else None,

@@ -199,7 +199,9 @@ backfill_failures = sa.Table(
     sa.Column("created_at", Text, nullable=False),
     sa.Column("updated_at", Text, nullable=False),
 )
-sa.Index("ix_backfill_failures_open", backfill_failures.c.job_id, backfill_failures.c.kind, backfill_failures.c.resolved)
+sa.Index(
+    "ix_backfill_failures_open", backfill_failures.c.job_id, backfill_failures.c.kind, backfill_failures.c.resolved
+)
 
 backfill_embeddings = sa.Table(
     "backfill_embeddings",

@@ -37,7 +37,7 @@ def upgrade() -> None:
 
 
 def _create_portable() -> None:
-    T, I = sa.Text, sa.Integer
+    T, Int = sa.Text, sa.Integer
 
     def fk():
         return sa.ForeignKey("users.id", ondelete="CASCADE")
@@ -54,32 +54,32 @@ def _create_portable() -> None:
     )
     op.create_table(
         "entities",
-        sa.Column("id", I, primary_key=True, autoincrement=True),
+        sa.Column("id", Int, primary_key=True, autoincrement=True),
         sa.Column("user_id", T, fk()),
         sa.Column("name", T, nullable=False), sa.Column("entity_type", T, nullable=False),
         *[sa.Column(n, T) for n in ("person_type", "description", "company", "title", "email", "phone",
                                     "address", "website", "social_media", "notes")],
-        sa.Column("importance", I, server_default=sa.text("2")),
+        sa.Column("importance", Int, server_default=sa.text("2")),
         sa.Column("tags", T), sa.Column("relationships", T), sa.Column("last_interaction", T),
-        sa.Column("interaction_count", I, server_default=sa.text("0")),
+        sa.Column("interaction_count", Int, server_default=sa.text("0")),
         sa.Column("metadata", T),
         sa.Column("created_at", T, nullable=False), sa.Column("updated_at", T, nullable=False),
         sa.Column("embedding", T),
     )
     op.create_table(
         "memories",
-        sa.Column("id", I, primary_key=True, autoincrement=True),
+        sa.Column("id", Int, primary_key=True, autoincrement=True),
         sa.Column("user_id", T, fk()),
         sa.Column("title", T, nullable=False), sa.Column("content", T, nullable=False),
         sa.Column("memory_type", T, nullable=False),
-        sa.Column("importance", I, server_default=sa.text("2")),
+        sa.Column("importance", Int, server_default=sa.text("2")),
         sa.Column("tags", T), sa.Column("entity_ids", T), sa.Column("embedding", T), sa.Column("metadata", T),
         sa.Column("is_archived", sa.Boolean, server_default=sa.false()),
         sa.Column("created_at", T, nullable=False), sa.Column("updated_at", T, nullable=False),
     )
     op.create_table(
         "interactions",
-        sa.Column("id", I, primary_key=True, autoincrement=True),
+        sa.Column("id", Int, primary_key=True, autoincrement=True),
         sa.Column("user_id", T, fk()),
         sa.Column("user_prompt", T, nullable=False), sa.Column("assistant_response", T, nullable=False),
         sa.Column("context", T), sa.Column("feedback", T), sa.Column("sentiment", T), sa.Column("metadata", T),
@@ -87,7 +87,7 @@ def _create_portable() -> None:
     )
     op.create_table(
         "schema_version",
-        sa.Column("version", I, primary_key=True, autoincrement=False),
+        sa.Column("version", Int, primary_key=True, autoincrement=False),
         sa.Column("applied_at", T, nullable=False),
     )
     op.create_table(
@@ -95,7 +95,7 @@ def _create_portable() -> None:
         sa.Column("id", T, primary_key=True),
         sa.Column("user_id", T, fk(), nullable=False),
         sa.Column("api_provider", T, nullable=False), sa.Column("model", T, nullable=False),
-        sa.Column("tokens_used", I, nullable=False, server_default=sa.text("0")),
+        sa.Column("tokens_used", Int, nullable=False, server_default=sa.text("0")),
         sa.Column("cost_usd", sa.Float, nullable=False), sa.Column("operation_type", T, nullable=False),
         sa.Column("timestamp", sa.BigInteger, nullable=False), sa.Column("date", T, nullable=False),
         sa.Column("metadata", T),
