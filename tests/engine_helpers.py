@@ -43,7 +43,9 @@ def poison_ids(engine: sa.Engine, ids: list[int]) -> None:
 
 
 def env_for(server, database_url: str) -> dict[str, str]:
-    return {"OPENAI_API_KEY": "sk-test-not-a-real-key", "OPENAI_BASE_URL": server.base_url, "DATABASE_URL": database_url}
+    return {
+        "OPENAI_API_KEY": "sk-test-not-a-real-key", "OPENAI_BASE_URL": server.base_url, "DATABASE_URL": database_url,
+    }
 
 
 RUN_ARGS = ["--model", MODEL, "--dimensions", str(DIMS)]

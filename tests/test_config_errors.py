@@ -33,7 +33,8 @@ def test_bad_database_urls(tmp_path, cli, url, needle):
 
 def test_remote_libsql_with_a_bad_token_exits_2_without_leaking_it(tmp_path, cli):
     db = tmp_path / "remote.db"
-    sample.build(engine_for(resolve(str(db)), must_exist=False), sample.SampleSpec(memories=20, entities=5, dimensions=8))
+    sample.build(engine_for(resolve(str(db)), must_exist=False),
+                 sample.SampleSpec(memories=20, entities=5, dimensions=8))
     with LibsqlServer(str(db), auth_token="right-token-777") as server:
         bad = cli("stats", "--log-format", "human",
                   env={"TURSO_URL": server.url, "TURSO_AUTH_TOKEN": SECRET})

@@ -83,9 +83,10 @@ def test_a_source_row_edited_since_is_not_copied_and_human_output_reports_saving
             # text `src` had, and a fresh row arrives with it too
             old = conn.exec_driver_sql(f"SELECT title, content, memory_type, tags FROM memories WHERE id = {src}").one()
             conn.exec_driver_sql(f"UPDATE memories SET content = 'rewritten entirely' WHERE id = {src}")
-            conn.exec_driver_sql("UPDATE memories SET title = ?, content = ?, memory_type = ?, tags = ?, embedding = NULL "
-                                 f"WHERE id = {other}", tuple(old))
-            conn.exec_driver_sql("INSERT INTO memories (user_id, title, content, memory_type, tags, created_at, updated_at)"
+            conn.exec_driver_sql("UPDATE memories SET title = ?, content = ?, memory_type = ?, tags = ?, "
+                                 f"embedding = NULL WHERE id = {other}", tuple(old))
+            conn.exec_driver_sql("INSERT INTO memories "
+                                 "(user_id, title, content, memory_type, tags, created_at, updated_at)"
                                  " SELECT user_id, title, content, memory_type, tags, created_at, updated_at "
                                  f"FROM memories WHERE id = {other}")
         server.reset_log()
@@ -97,4 +98,5 @@ def test_a_source_row_edited_since_is_not_copied_and_human_output_reports_saving
     new_id = max(rows)
     text = expected_text("memories", rows[other])
     assert expected_text("memories", rows[new_id]) == text
-    assert json.loads(rows[other]["embedding"]) == json.loads(rows[new_id]["embedding"]) == fake_vector(text, DIMS, MODEL)
+    expected = fake_vector(text, DIMS, MODEL)
+    assert json.loads(rows[other]["embedding"]) == json.loads(rows[new_id]["embedding"]) == expected

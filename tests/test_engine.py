@@ -64,7 +64,8 @@ def test_up_embeds_every_row_with_the_recipe_vector_and_touches_nothing_else(eng
             raw.execute("INSERT INTO entities_fts(entities_fts) VALUES ('integrity-check')")
     job = _jobs(engine)[-1]
     with engine.connect() as conn:
-        written = conn.execute(sa.text("SELECT count(*) FROM backfill_embeddings WHERE job_id = :j"), {"j": job["id"]}).scalar()
+        written = conn.execute(sa.text("SELECT count(*) FROM backfill_embeddings WHERE job_id = :j"),
+                               {"j": job["id"]}).scalar()
     assert job["status"] == "done" and job["embedded"] == written and job["failed"] == 0
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     assert lines[-1]["tables"]["memories"]["coverage"] == 100.0
@@ -86,17 +87,20 @@ def test_user_scope_changes_only_that_users_rows(engine_backend, cli):
     engine = be.engine()
     build(engine, memories=300, entities=100)
     others = "WHERE user_id <> 'u-alice'"
-    before = {t: (embeddings(engine, t, others), checksum_other_columns(engine, t, others)) for t in ("memories", "entities")}
+    before = {t: (embeddings(engine, t, others), checksum_other_columns(engine, t, others))
+              for t in ("memories", "entities")}
     with FakeOpenAI() as server:
         result = cli("up", *RUN_ARGS, "-u", "alice@example.com", env=env_for(server, be.url))
         assert result.code == 0, result.output[-2000:]
-    after = {t: (embeddings(engine, t, others), checksum_other_columns(engine, t, others)) for t in ("memories", "entities")}
+    after = {t: (embeddings(engine, t, others), checksum_other_columns(engine, t, others))
+             for t in ("memories", "entities")}
     assert after == before
     with engine.connect() as conn:
+        missing = "(embedding IS NULL OR embedding IN ('', '[]'))"
         alice_missing = conn.exec_driver_sql(
-            "SELECT count(*) FROM memories WHERE user_id = 'u-alice' AND (embedding IS NULL OR embedding IN ('', '[]'))").scalar()
+            f"SELECT count(*) FROM memories WHERE user_id = 'u-alice' AND {missing}").scalar()
         others_missing = conn.exec_driver_sql(
-            "SELECT count(*) FROM memories WHERE user_id <> 'u-alice' AND (embedding IS NULL OR embedding IN ('', '[]'))").scalar()
+            f"SELECT count(*) FROM memories WHERE user_id <> 'u-alice' AND {missing}").scalar()
     assert alice_missing == 0 and others_missing > 0
     bad = cli("run", *RUN_ARGS, "-u", "nobody@example.com", env={"OPENAI_API_KEY": "sk-x", "DATABASE_URL": be.url})
     assert bad.code == 2 and "nobody@example.com" in bad.stdout
@@ -155,7 +159,8 @@ def test_piped_output_is_json_lines_and_a_terminal_gets_a_bar_and_the_final_bloc
         events = [json.loads(line) for line in piped.stdout.splitlines()]
         batches = [e for e in events if e["event"] == "batch_committed"]
         assert len(batches) >= 5
-        assert all({"job", "target", "rows", "embedded", "failed", "tokens", "rate", "eta_s", "cursor"} <= set(b) for b in batches)
+        fields = {"job", "target", "rows", "embedded", "failed", "tokens", "rate", "eta_s", "cursor"}
+        assert all(fields <= set(b) for b in batches)
         assert events[-1]["event"] == "job_finished" and events[-1]["embedded"] == sum(b["embedded"] for b in batches)
 
         (tmp_path / "tty").mkdir()
@@ -166,7 +171,8 @@ def test_piped_output_is_json_lines_and_a_terminal_gets_a_bar_and_the_final_bloc
         pid, fd = pty.fork()
         if pid == 0:
             os.environ.update(env_for(server, be2.url))
-            os.execv(sys.executable, [sys.executable, "-m", "backfill", "up", *RUN_ARGS, "-b", "20", "--concurrency", "1"])
+            os.execv(sys.executable,
+                     [sys.executable, "-m", "backfill", "up", *RUN_ARGS, "-b", "20", "--concurrency", "1"])
         chunks = []
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:

@@ -39,7 +39,9 @@ def db(tmp_path):
     return be
 
 
-@pytest.mark.parametrize("kind", ["500", "503", "429", "reset", "not_json", "wrong_dims", "nan", "inf", "short", "hang"])
+@pytest.mark.parametrize(
+    "kind", ["500", "503", "429", "reset", "not_json", "wrong_dims", "nan", "inf", "short", "hang"]
+)
 def test_each_fault_is_retried_and_every_row_gets_its_own_vector(kind, db, cli):
     engine = db.engine()
     todo = {r for r in needing(engine) if r[0] == "memories"}
@@ -76,7 +78,8 @@ def test_rows_that_exhaust_the_retries_become_failures_and_the_job_goes_on(kinds
     failures = _failures(engine)
     assert [f[0] for f in failures] == first and all(f[1] == "failed" for f in failures)
     stored = embeddings(engine, "memories")
-    assert {rid: stored[rid] for rid in first} == {rid: before[rid] for rid in first}  # the failed request wrote nothing
+    # the failed request wrote nothing
+    assert {rid: stored[rid] for rid in first} == {rid: before[rid] for rid in first}
     assert assert_vectors_match_recipe(engine, {("memories", rid) for rid in rest}) == len(rest)
     assert len(seen) == len(rest)  # each of the other rows was embedded exactly once
     _nothing_malformed_written(engine, before)

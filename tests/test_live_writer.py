@@ -32,7 +32,8 @@ WRITER = textwrap.dedent("""
         try:
             db.execute("BEGIN IMMEDIATE")
             db.execute("INSERT INTO memories (user_id, title, content, memory_type, importance, tags, embedding, "
-                       "is_archived, created_at, updated_at) VALUES ('u-alice', ?, ?, 'semantic', 1, '[]', NULL, 0, ?, ?)",
+                       "is_archived, created_at, updated_at) "
+                       "VALUES ('u-alice', ?, ?, 'semantic', 1, '[]', NULL, 0, ?, ?)",
                        ("live %d" % n, "written by the server while the job runs %d" % n, now, now))
             rid = rng.randint(1, 400)
             db.execute("UPDATE memories SET content = ?, embedding = NULL, updated_at = ? WHERE id = ?",

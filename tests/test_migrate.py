@@ -26,7 +26,8 @@ def _legacy(backend) -> sa.Engine:
 
 def _fts_ids(engine: sa.Engine, word: str) -> list[int]:
     with engine.connect() as conn:
-        return [r[0] for r in conn.execute(sa.text("SELECT rowid FROM memories_fts WHERE memories_fts MATCH :w ORDER BY rowid"), {"w": word})]
+        query = sa.text("SELECT rowid FROM memories_fts WHERE memories_fts MATCH :w ORDER BY rowid")
+        return [r[0] for r in conn.execute(query, {"w": word})]
 
 
 def test_migrate_creates_verify_passes_second_run_is_noop(backend, cli):
@@ -216,5 +217,6 @@ def test_verify_names_a_server_trigger_put_back_and_its_fix_works(file_backend, 
 
     fixed = cli("migrate", "--database-url", file_backend.url, "--log-format", "human")  # the line's fix
     assert fixed.code == 0 and "put back memories_fts_update" in fixed.stdout, fixed.output
-    assert "AFTER UPDATE OF title, content, tags ON memories" in _trigger_sql(file_backend.engine(), "memories_fts_update")
+    trigger = _trigger_sql(file_backend.engine(), "memories_fts_update")
+    assert "AFTER UPDATE OF title, content, tags ON memories" in trigger
     assert cli("verify", "--database-url", file_backend.url).code == 0

@@ -94,8 +94,8 @@ def test_a_postgresql_restart_mid_job_is_waited_out_and_the_lease_released(own_p
     missing = needing(engine)
     engine.dispose()
     with FakeOpenAI(latency_ms=300) as server:
-        env = {**{k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "OPENAI_API_KEY", "OPENAI_BASE_URL")},
-               **env_for(server, own_pg.url)}
+        ours = ("DATABASE_URL", "OPENAI_API_KEY", "OPENAI_BASE_URL")
+        env = {**{k: v for k, v in os.environ.items() if k not in ours}, **env_for(server, own_pg.url)}
         proc = subprocess.Popen([sys.executable, "-m", "backfill", "up", *RUN_ARGS, "-b", "5", "--concurrency", "1"],
                                 cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         try:

@@ -33,8 +33,10 @@ SERVER_DIMS = 384
 SERVER_EXTRAS = [
     """CREATE TABLE IF NOT EXISTS schema_migrations (
       version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TEXT NOT NULL, checksum TEXT)""",
-    "INSERT INTO schema_migrations (version, name, applied_at) VALUES (1, 'initial_schema', '2026-12-03T07:48:02.372Z')",
-    "INSERT INTO schema_migrations (version, name, applied_at) VALUES (2, 'add_missing_indices', '2026-12-03T07:48:02.372Z')",
+    "INSERT INTO schema_migrations (version, name, applied_at) "
+    "VALUES (1, 'initial_schema', '2026-12-03T07:48:02.372Z')",
+    "INSERT INTO schema_migrations (version, name, applied_at) "
+    "VALUES (2, 'add_missing_indices', '2026-12-03T07:48:02.372Z')",
     """CREATE TABLE IF NOT EXISTS oauth_clients (
       client_id TEXT PRIMARY KEY, client_secret_hash TEXT NOT NULL, name TEXT NOT NULL,
       redirect_uris TEXT NOT NULL, allowed_scopes TEXT NOT NULL, created_by TEXT NOT NULL,
@@ -194,7 +196,8 @@ def _server_writes(conn: sa.Connection, user: str) -> tuple[int, int]:
         "address, notes, tags, metadata, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (user, "Walrus Holdings", "organization", None, "Maker of gramophones", None, None, None, None, None,
          "met at the fair", '["music"]', "{}", "2026-12-03T10:00:00.000Z", "2026-12-03T10:00:00.000Z")).lastrowid
-    conn.exec_driver_sql("UPDATE memories SET title = ?, content = ?, tags = ?, updated_at = ? WHERE id = ? AND user_id = ?",
+    conn.exec_driver_sql("UPDATE memories SET title = ?, content = ?, tags = ?, updated_at = ? "
+                         "WHERE id = ? AND user_id = ?",
                          ("Heron sighting", "A heron waited on the quay at dusk", '["birds"]',
                           "2026-12-03T10:05:00.000Z", memory, user))
     conn.exec_driver_sql("UPDATE entities SET description = ?, notes = ?, updated_at = ? WHERE id = ? AND user_id = ?",

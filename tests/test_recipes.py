@@ -53,7 +53,8 @@ def _poison(engine, n: int) -> list[int]:
     """Give n rows that need an embedding a text the fake server rejects with 400."""
     ids = sorted(i for t, i in needing(engine) if t == "memories")[:n]
     with engine.begin() as conn:
-        conn.exec_driver_sql(f"UPDATE memories SET content = 'POISONED ' || content WHERE id IN ({','.join(map(str, ids))})")
+        conn.exec_driver_sql(
+            f"UPDATE memories SET content = 'POISONED ' || content WHERE id IN ({','.join(map(str, ids))})")
     return ids
 
 

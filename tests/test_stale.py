@@ -26,7 +26,8 @@ def _q(engine, sql: str) -> list:
 
 def _ours(engine) -> list[int]:
     """Memories whose vector this tool wrote (they have provenance), by id."""
-    return [i for (i,) in _q(engine, "SELECT row_id FROM backfill_embeddings WHERE target = 'memories' ORDER BY row_id")]
+    return [i for (i,) in _q(engine, "SELECT row_id FROM backfill_embeddings "
+                                     "WHERE target = 'memories' ORDER BY row_id")]
 
 
 def _rows(engine, table: str, ids: list[int]) -> dict[int, dict]:
@@ -104,7 +105,8 @@ def test_other_model_and_older_recipe_are_stale_and_adopt_existing_records_unkno
         tables = _stats(cli, be.url)
         assert tables["entities"]["unknown"] == 0 and tables["memories"]["unknown"] == 0
         assert tables["entities"]["stale"] == 0
-        (n_prov,) = _q(engine, "SELECT count(*) FROM backfill_embeddings WHERE target = 'entities' AND job_id IS NOT NULL")[0]
+        (n_prov,) = _q(engine, "SELECT count(*) FROM backfill_embeddings "
+                               "WHERE target = 'entities' AND job_id IS NOT NULL")[0]
         assert n_prov == tables["entities"]["with_embedding"]
 
         with engine.begin() as conn:

@@ -45,7 +45,7 @@ def _job_totals(engine) -> dict:
         row = conn.exec_driver_sql(
             "SELECT coalesce(sum(embedded),0), coalesce(sum(failed),0), coalesce(sum(selected),0), "
             "(SELECT count(*) FROM backfill_embeddings) FROM backfill_jobs").one()
-    return dict(zip(("embedded", "failed", "selected", "provenance"), row))
+    return dict(zip(("embedded", "failed", "selected", "provenance"), row, strict=True))
 
 
 def test_a_run_over_the_token_quota_is_paced_below_one_percent_429s_and_loses_nothing(tmp_path, cli):
@@ -100,7 +100,8 @@ def test_sigkill_with_many_requests_in_flight_then_resume_equals_an_uninterrupte
             proc.wait()
             kills += 1
             engine = victim.engine()
-            committed = {(t, i) for t in ("memories", "entities") for i, e in embeddings(engine, t).items() if is_vector(e)}
+            committed = {(t, i) for t in ("memories", "entities")
+                         for i, e in embeddings(engine, t).items() if is_vector(e)}
             check_counters(engine)
             server.reset_log()
             nxt = subprocess.run([sys.executable, "-m", "backfill", "resume", "--limit", "40", *args[-4:]],

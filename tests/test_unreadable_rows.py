@@ -57,7 +57,8 @@ def test_a_blob_bad_utf8_or_a_nul_never_stops_the_job(name, tmp_path, cli):
     engine = be.engine()
     with engine.connect() as conn:
         job = conn.execute(sa.text("SELECT * FROM backfill_jobs")).mappings().one()
-        failures = dict(conn.execute(sa.text("SELECT row_id, error FROM backfill_failures WHERE kind = 'failed'")).all())
+        failures = dict(
+            conn.execute(sa.text("SELECT row_id, error FROM backfill_failures WHERE kind = 'failed'")).all())
         stored = dict(conn.execute(sa.text("SELECT id, embedding FROM memories")).all())
         hashes = dict(conn.execute(sa.text("SELECT row_id, content_hash FROM backfill_embeddings")).all())
     assert (job["status"], job["worker_id"]) == ("done", None)

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, make_backend
-from engine_helpers import RUN_ARGS, build, env_for, poison
+from engine_helpers import RUN_ARGS, build, embeddings, env_for, is_vector, poison
 from support.fake_openai import FakeOpenAI
 
 NO_KEY = {"OPENAI_API_KEY": ""}
@@ -234,6 +234,8 @@ def test_retry_failed_counts_what_it_processed_and_suggestions_carry_the_databas
         from_env = cli("stats", "--log-format", "human", env={"DATABASE_URL": be.url})
     assert "Total rows processed: 4" in retry.stdout and "Successfully generated: 4" in retry.stdout, retry.stdout
     assert from_env.stdout.count("(from $DATABASE_URL)") == 1
+    stored = embeddings(engine, "memories")
+    assert len(poisoned) == 4 and all(is_vector(stored[rid]) for rid in poisoned)  # the retry wrote them
 
 
 def test_a_password_in_the_url_is_never_printed(tmp_path, cli):

@@ -19,7 +19,7 @@ COLUMN = "embedding_vec"
 
 
 def _cos_distance(a: list[float], b: list[float]) -> float:
-    dot = sum(x * y for x, y in zip(a, b))
+    dot = sum(x * y for x, y in zip(a, b, strict=True))
     return 1 - dot / (math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b)))
 
 
@@ -45,7 +45,7 @@ def test_vector_column_index_and_vector_top_k_find_the_nearest_row_for_20_probes
     rows = conn.execute(f"SELECT id, embedding, vector_extract({COLUMN}) FROM memories").fetchall()
     assert all(is_vector(e) for _i, e, _v in rows)  # every row embedded, and its native copy equals the JSON
     for _i, e, v in rows:
-        assert all(abs(a - b) < 1e-6 * max(1.0, abs(a)) for a, b in zip(json.loads(e), json.loads(v)))
+        assert all(abs(a - b) < 1e-6 * max(1.0, abs(a)) for a, b in zip(json.loads(e), json.loads(v), strict=True))
     vectors = {i: json.loads(e) for i, e, _v in rows}
 
     rng = random.Random(11)

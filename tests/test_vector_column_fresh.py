@@ -27,7 +27,7 @@ def _cells(path) -> dict[int, tuple[list[float] | None, list[float] | None]]:
 
 def _close(a: list[float] | None, b: list[float] | None) -> bool:
     return a is not None and b is not None and len(a) == len(b) and all(
-        abs(x - y) < 1e-6 * max(1.0, abs(x)) for x, y in zip(a, b))
+        abs(x - y) < 1e-6 * max(1.0, abs(x)) for x, y in zip(a, b, strict=True))
 
 
 def _nearest(path, vector: list[float]) -> int:
