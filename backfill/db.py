@@ -62,7 +62,9 @@ def resolve(raw: str | None, auth_token: Secret | None = None) -> Database:
     if scheme == "sqlite+libsql":
         url = _parse(raw)
         if url.host:
-            return _remote(url.host, url.port, dict(url.query), auth_token, secure_default=False)
+            # a repeated parameter counts once, its last value (as parse_qsl gives for libsql://)
+            query = {k: v if isinstance(v, str) else v[-1] for k, v in url.query.items()}
+            return _remote(url.host, url.port, query, auth_token, secure_default=False)
         return _file_target(_sqlite_path(raw), libsql=True)
     if scheme in ("libsql", "https", "http", "wss", "ws"):
         parts = urlsplit(raw)

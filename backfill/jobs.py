@@ -119,7 +119,10 @@ def create(conn: Connection, key: JobKey, *, user_email: str | None, batch_size:
             created_at=stamp, updated_at=stamp,
         )
     )
-    return get(conn, int(result.inserted_primary_key[0]))
+    inserted = result.inserted_primary_key
+    if inserted is None:  # (not for a one-row INSERT ... VALUES: every dialect reports its key)
+        raise RuntimeError("the new job row reported no id")
+    return get(conn, int(inserted[0]))
 
 
 def _holder_is_dead(worker: str | None) -> bool:
@@ -239,11 +242,13 @@ def upsert_failures(conn: Connection, job_id: int, rows: list[dict[str, Any]]) -
     if not rows:
         return
     stamp = now_iso()
+    from sqlalchemy.dialects import postgresql, sqlite
+
+    stmt: postgresql.Insert | sqlite.Insert
     if conn.dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
+        stmt = postgresql.insert(failures_t)
     else:
-        from sqlalchemy.dialects.sqlite import insert
-    stmt = insert(failures_t)
+        stmt = sqlite.insert(failures_t)
     stmt = stmt.on_conflict_do_update(
         index_elements=[failures_t.c.job_id, failures_t.c.target, failures_t.c.row_id],
         set_={"error": stmt.excluded.error, "kind": stmt.excluded.kind, "attempts": failures_t.c.attempts + 1,
@@ -268,7 +273,7 @@ def notices(target: str, changed: list[int], gone: list[int]) -> list[dict[str, 
 
 def notice_counts(conn: Connection, job_id: int) -> dict[str, int]:
     """{"changed": n, "gone": m} for the job."""
-    got = dict(conn.execute(sa.select(failures_t.c.kind, sa.func.count()).where(
+    got: dict[str, int] = dict(conn.execute(sa.select(failures_t.c.kind, sa.func.count()).where(
         failures_t.c.job_id == job_id, failures_t.c.kind.in_(NOTICE_KINDS)).group_by(failures_t.c.kind)).all())
     return {kind: int(got.get(kind, 0)) for kind in NOTICE_KINDS}
 

@@ -13,11 +13,15 @@ import shlex
 import sys
 import textwrap
 from datetime import UTC, datetime
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import structlog
 
 from backfill.config import Settings
+
+if TYPE_CHECKING:
+    from rich.progress import Progress as Bar
+    from rich.progress import TaskID
 
 _state: dict[str, Any] = {"json": False, "settings": None, "quiet": False, "told_source": False}
 WIDTH = 80  # human output fits a classic terminal
@@ -222,9 +226,9 @@ class Progress:
         self.live = 0  # vectors received for pages not yet committed
         self.tokens = 0  # tokens committed
         self.live_tokens = 0  # tokens of requests answered for pages not yet committed
-        self.started = None
-        self._bar = None
-        self._task = None
+        self.started: float | None = None
+        self._bar: Bar | None = None  # the progress bar on a terminal (None: JSON lines)
+        self._task: TaskID | None = None
         self.label = label
         self._lock = threading.Lock()
 
@@ -281,7 +285,7 @@ class Progress:
         return elapsed, rate, (remaining / rate if rate > 0 else None)
 
     def _draw(self, description: str | None = None) -> None:
-        if self._bar is None:
+        if self._bar is None or self._task is None:
             return
         _elapsed, rate, eta = self._rate()
         if self.total and self.count > self.total:

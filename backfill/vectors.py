@@ -186,7 +186,7 @@ def build_and_check(engine: Engine, kind: str, spec: tables.Spec, column: str, p
     with engine.begin() as conn:
         conn.exec_driver_sql(f"CREATE INDEX IF NOT EXISTS {name} ON {spec.name} (libsql_vector_idx({column}))")
     with engine.connect() as conn:
-        rows = int(conn.exec_driver_sql(f"SELECT count(*) FROM {spec.name} WHERE {column} IS NOT NULL").scalar())
+        rows = int(conn.exec_driver_sql(f"SELECT count(*) FROM {spec.name} WHERE {column} IS NOT NULL").scalar_one())
         step = max(1, rows // probes) if rows else 1
         sample = conn.exec_driver_sql(
             f"SELECT id, vector_extract({column}) FROM (SELECT id, {column}, row_number() OVER (ORDER BY id) AS n "
