@@ -275,7 +275,7 @@ class InFlight:
     """Requests fitted to the server, AIMD on its latency: how many are in flight (the runner's pool may
     hold more threads, which then wait here) and how many tokens one carries. A slow answer cuts the count
     in proportion (a server that takes requests one at a time answers in proportion to the queue), or, one
-    request at a time already, the size; a timeout halves both; fast answers let both grow back. A cut
+    request at a time already, the size; a timeout halves the count; fast answers let both grow back. A cut
     counts once per round: a request sent under a larger limit than the present one does not cut again."""
 
     def __init__(self, timeout: float, ceiling: int = CEILING) -> None:
@@ -326,10 +326,8 @@ class InFlight:
     def timed_out(self, sent: tuple[int, float, int | None], tokens: int, inputs: int) -> None:
         flying, limit, _largest = sent
         with self._cond:
-            if self.limit >= limit:
+            if self.limit >= limit:  # the timed-out request itself is sent again in halves (the provider)
                 self.limit = max(1.0, min(self.limit, float(flying)) / 2)
-            if inputs > 1:
-                self.largest = max(1, min(self.largest or tokens, tokens // 2))
             told = self._said(f"a request of {inputs} inputs ({tokens:,} tokens) timed out after "
                               f"{self.timeout:g} s: sent again in halves", None)
         self._tell(told)
