@@ -122,27 +122,35 @@ def test_a_request_that_times_out_is_sent_again_in_halves_and_fewer_go_at_once(t
     assert min(e["in_flight_limit"] for e in fits) < 4, fits
 
 
-def test_a_long_wait_is_said_once_not_per_thread_or_per_second():
-    """Four threads' worth of acquires against a spent bucket: one `quota_wait` event."""
+def _four_waits() -> None:
+    """Four acquires against a spent requests bucket, each given up after a few naps (the clock does not move)."""
+    limiter = limits.Limiter(rpm=5, tpm=1_000_000)  # both given: no probe
+    for _ in range(5):
+        limiter.acquire()
+    naps: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        naps.append(seconds)
+        if len(naps) % 3 == 0:
+            raise TimeoutError
+
+    limiter._sleep = sleep
+    for _ in range(4):
+        with pytest.raises(TimeoutError):
+            limiter.acquire()
+
+
+def test_a_long_wait_is_said_once_not_per_thread_or_per_second(capsys):
     stream = io.StringIO()
     report.configure_logging("json", stream=stream)
     try:
-        limiter = limits.Limiter(rpm=5, tpm=1_000_000)  # both given: no probe
-        for _ in range(5):
-            limiter.acquire()
-        sleeps: list[float] = []
-
-        def sleep(seconds: float) -> None:
-            sleeps.append(seconds)
-            if len(sleeps) % 3 == 0:
-                raise TimeoutError  # stop this acquire after a few naps (the clock does not move here)
-
-        limiter._sleep = sleep
-        for _ in range(4):
-            with pytest.raises(TimeoutError):
-                limiter.acquire()
+        _four_waits()
     finally:
         report.configure_logging("human")
     events = [json.loads(line) for line in stream.getvalue().splitlines()]
     assert [e["event"] for e in events] == ["quota_wait"], events
     assert events[0]["waiting_for"] == "requests" and events[0]["wait_s"] > 10
+    capsys.readouterr()
+    _four_waits()  # on a terminal: the same, as one line
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("waiting 12 s for the requests-per-minute quota"), lines
