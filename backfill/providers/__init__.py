@@ -23,7 +23,8 @@ def build(name: str, settings: Settings, *, model: str | None = None, dimensions
 
         provider = LocalProvider()
         if dimensions and dimensions != provider.dimensions:
-            raise ConfigError(f"the local model has {provider.dimensions} dimensions, not {dimensions}: drop --dimensions")
+            raise ConfigError(
+                f"the local model has {provider.dimensions} dimensions, not {dimensions}: drop --dimensions")
         return provider
     if name != "openai":
         raise ConfigError(f"unknown provider {name!r}: use --provider openai or --provider local")

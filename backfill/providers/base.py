@@ -46,6 +46,20 @@ class BadInput(ProviderError):
         super().__init__(message, retryable=False, status=status)
 
 
+class TimedOut(ProviderError):
+    """No answer within --timeout: retried, a request of several inputs in halves (providers/openai.py)."""
+
+    def __init__(self, message: str = "request timed out") -> None:
+        super().__init__(message, retryable=True)
+
+
+class TooLarge(ProviderError):
+    """The quota can never admit this request at once (a 429 "Request too large"): it is split, not retried."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, retryable=False, status=429)
+
+
 class FatalProviderError(ProviderError):
     """Nothing can succeed (bad key, unknown model): the job stops instead of failing every row."""
 
@@ -84,14 +98,14 @@ def check_vectors(vectors: Sequence[Sequence[float]], expected: int, dimensions:
     """Count, dimensions and finiteness, before anything is written."""
     if len(vectors) != expected:
         raise ProviderError(f"malformed response: {len(vectors)} vectors for {expected} inputs", retryable=True)
-    out = []
+    out: list[list[float]] = []
     for i, vec in enumerate(vectors):
         if len(vec) != dimensions:
             raise ProviderError(
                 f"malformed response: vector {i} has {len(vec)} dimensions, expected {dimensions}", retryable=True
             )
         if _all_finite_floats(vec):  # the fast path (one C-level pass); otherwise check value by value
-            out.append(vec)
+            out.append(vec)  # type: ignore[arg-type]  # a list, checked by _all_finite_floats
             continue
         values = [float(v) for v in vec]
         if not all(math.isfinite(v) for v in values):

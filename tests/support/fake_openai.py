@@ -105,6 +105,8 @@ _SETTINGS_DEFAULTS: dict[str, Any] = {
     "hang_s": 30.0,
     "dimensions_override": None,
     "record_inputs": True,
+    "tpm_burst": None,
+    "one_at_a_time": False,
 }
 
 
@@ -187,6 +189,7 @@ class _Bucket:
 
     def __init__(self, capacity: int, now: float | None = None) -> None:
         self.capacity = float(capacity)
+        self.per_minute = self.capacity  # the limit the headers report (tpm_burst makes capacity smaller)
         self.rate = self.capacity / 60.0
         self.level = self.capacity
         self.t = time.monotonic() if now is None else now
@@ -426,6 +429,10 @@ class FakeOpenAI:
     ``dimensions_override``   when set, every vector has this many dimensions,
                               whatever the model or ``dimensions`` parameter
     ``record_inputs``         keep the input texts in the log (False: ``inputs`` is [])
+    ``tpm_burst``             the token bucket holds this many (None: a minute's worth); it still
+                              refills at ``tpm``/60 per second and the headers report ``tpm``
+    ``one_at_a_time``         embeddings requests are served one at a time (the latency sleep is
+                              serialised), as a small self-hosted server does
 
     ``port`` (constructor only): 0 picks a free port.
     """
@@ -441,6 +448,7 @@ class FakeOpenAI:
         self._seq = 0
         self._conns: set[socket.socket] = set()
         self._stopping = threading.Event()
+        self._one_at_a_time = threading.Lock()
         self._port = int(port)
         self._httpd: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -533,14 +541,23 @@ class FakeOpenAI:
             now = time.monotonic()
             if "rpm" in clean:
                 self._req_bucket = _Bucket(clean["rpm"], now) if clean["rpm"] is not None else None
-            if "tpm" in clean:
-                self._tok_bucket = _Bucket(clean["tpm"], now) if clean["tpm"] is not None else None
+            if "tpm" in clean or "tpm_burst" in clean:
+                self._tok_bucket = self._new_token_bucket(now)
             if "seed" in clean:
                 self._rng.seed(clean["seed"])
 
+    def _new_token_bucket(self, now: float) -> _Bucket | None:
+        tpm, burst = self._settings["tpm"], self._settings["tpm_burst"]
+        if tpm is None:
+            return None
+        bucket = _Bucket(tpm, now)
+        if burst is not None:
+            bucket.capacity = bucket.level = float(burst)
+        return bucket
+
     @staticmethod
     def _coerce(key: str, value: Any) -> Any:
-        if key in ("rpm", "tpm", "dimensions_override"):
+        if key in ("rpm", "tpm", "dimensions_override", "tpm_burst"):
             if value is None:
                 return None
             v = int(value)
@@ -577,7 +594,7 @@ class FakeOpenAI:
             return int(value or 0)
         if key == "api_key":
             return None if value is None else str(value)
-        if key == "record_inputs":
+        if key in ("record_inputs", "one_at_a_time"):
             return bool(value)
         return value  # pragma: no cover
 
@@ -611,7 +628,7 @@ class FakeOpenAI:
             if self._settings["rpm"] is not None:
                 self._req_bucket = _Bucket(self._settings["rpm"], now)
             if self._settings["tpm"] is not None:
-                self._tok_bucket = _Bucket(self._settings["tpm"], now)
+                self._tok_bucket = self._new_token_bucket(now)
             self._rng.seed(self._settings["seed"])
 
     def stats(self) -> dict[str, Any]:
@@ -844,7 +861,7 @@ class FakeOpenAI:
             hdr["x-ratelimit-remaining-requests"] = str(rb.remaining)
             hdr["x-ratelimit-reset-requests"] = _fmt_duration(rb.reset_in())
         if tb is not None:
-            hdr["x-ratelimit-limit-tokens"] = str(int(tb.capacity))
+            hdr["x-ratelimit-limit-tokens"] = str(int(tb.per_minute))
             hdr["x-ratelimit-remaining-tokens"] = str(tb.remaining)
             hdr["x-ratelimit-reset-tokens"] = _fmt_duration(tb.reset_in())
         return hdr
@@ -965,7 +982,11 @@ class FakeOpenAI:
             return
 
         try:
-            self._sleep(latency)
+            if s["one_at_a_time"]:
+                with self._one_at_a_time:
+                    self._sleep(latency)
+            else:
+                self._sleep(latency)
         except _Stopped:
             self._record(v.texts, 0, v.total_tokens, None, v.model)
             raise
