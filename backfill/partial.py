@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
-    from backfill.runner import PageResult
+    from backfill.page import PageResult
 
 
 def trim(rows: list[Any], result: PageResult, cursor: int, *, keep_beyond: bool = True,

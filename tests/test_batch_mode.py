@@ -297,7 +297,7 @@ def test_a_timed_out_upload_or_create_is_found_not_repeated_and_a_cut_download_i
 
 def test_files_stay_under_the_byte_limit(tmp_path, monkeypatch):
     """The planner bounds each file's bytes before it is built (here the limit is made small)."""
-    from backfill import batch, commands
+    from backfill import batch_api, commands
     from backfill.config import load_settings
 
     be = make_backend("sqlite", tmp_path)
@@ -306,7 +306,7 @@ def test_files_stay_under_the_byte_limit(tmp_path, monkeypatch):
     todo = needing(engine)
     rows = todo - _blank(engine, todo)
     limit = 60_000  # above one row at its longest (8,191 tokens), far below the whole table
-    monkeypatch.setattr(batch, "PLAN_BYTES", limit)
+    monkeypatch.setattr(batch_api, "PLAN_BYTES", limit)
     with FakeOpenAI() as server:
         server.batches.configure(polls_to_complete=0)
         settings = load_settings(be.url, environ=env_for(server, be.url), cwd=tmp_path)

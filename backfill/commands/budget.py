@@ -7,13 +7,14 @@ from types import SimpleNamespace
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from backfill import compat, jobs, report, runner, tables
+from backfill import compat, jobs, report, tables
 from backfill import plan as planning
 from backfill import stats as coverage
 from backfill.commands.database import open_database
 from backfill.commands.request import RunRequest, resolve_provider, run_options, validate
 from backfill.config import Settings
 from backfill.errors import ConfigError
+from backfill.page import RunOptions
 from backfill.providers import DEFAULT_MODEL
 from backfill.providers.base import DEFAULT_DIMENSIONS, Provider
 
@@ -36,13 +37,13 @@ def open_cursors(engine: Engine, key: jobs.JobKey) -> dict[str, int]:
     return job.cursors if job else {}
 
 
-def refuse_over_budget(engine: Engine, req: RunRequest, provider: Provider, options: runner.RunOptions,
+def refuse_over_budget(engine: Engine, req: RunRequest, provider: Provider, options: RunOptions,
                        key: jobs.JobKey) -> None:
     p = new_plan(req, provider.name, provider.model, provider.dimensions)
     p.price_per_mtok = provider.price_per_mtok
     planning.compute(engine, p, options, provider.fit, open_cursors(engine, key))
     report.event("plan", **p.as_dict())
-    batch = req.extra.get("mode", "sync") == "batch"
+    batch = req.mode == "batch"
     cost = p.cost_usd_batch if batch else p.cost_usd
     if cost > req.max_cost:
         raise ConfigError(
