@@ -40,12 +40,11 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from backfill import db, jobs, packing, page, report, sources, stopping, tables
-from backfill.commit import Committer
 from backfill.config import Settings
 from backfill.errors import BackfillError, ConfigError, LeaseHeld
 from backfill.openai_batches import ENDPOINT, TERMINAL, BatchApi
 from backfill.providers.base import BATCH_PRICE_FACTOR, ProviderError, check_vectors
-from backfill.runner import Pager
+from backfill.runner import JobRun
 from backfill.schema import backfill_batch_chunks as chunks_t
 from backfill.schema import backfill_batches as batches_t
 from backfill.schema import backfill_jobs as jobs_t
@@ -95,28 +94,16 @@ def is_batch(job: jobs.Job) -> bool:
     return job.params.get("mode") == "batch"
 
 
-class BatchRunner:
+class BatchRunner(JobRun):
     """Plan → upload → create → poll → collect, with the `Runner`'s constructor and `run()`."""
 
     def __init__(self, engine: Engine, provider: Any, job: jobs.Job, worker: str, options: page.RunOptions,
                  progress: Any, stop: stopping.StopFlag, *, api: BatchApi, batch: BatchOptions) -> None:
-        self.engine = engine
-        self.provider = provider
-        self.job = job
-        self.worker = worker
-        self.options = options
-        self.progress = progress
-        self.stop = stop
+        super().__init__(engine, provider, job, worker, options, progress, stop, price_factor=PRICE_FACTOR)
         self.api = api
         self.batch = batch
-        self.dialect = engine.dialect.name
         self.cap = min(int(job.params.get("batch_size") or options.batch_size), packing.MAX_REQUEST_INPUTS)
         self.cursors = dict(job.cursors)
-        self.outcome = page.Outcome(job.id, "running", None)
-        self.started = time.monotonic()
-        self.committer = Committer(engine, job, worker, options, provider, started=self.started,
-                                   price_per_mtok=provider.price_per_mtok * PRICE_FACTOR)
-        self.pager = Pager(engine, sources.for_run(options, job.dimensions, provider.model), options.limit)
         self._limited = False
 
     # --- entry points ---------------------------------------------------------------------
@@ -546,9 +533,6 @@ class BatchRunner:
                 except FutureTimeout:
                     self._heartbeat()
 
-    def _heartbeat(self) -> None:
-        jobs.heartbeat(self.engine, self.job.id, self.worker)
-
     def _count_waiting_rows(self) -> None:
         with self.engine.connect() as conn:
             waiting = rows_waiting(conn, self.job.id)
@@ -562,9 +546,6 @@ class BatchRunner:
             if self.options.max_runtime_s is not None and time.monotonic() - self.started >= self.options.max_runtime_s:
                 return
 
-    def _check_stop(self) -> None:
-        stopping.check(self.stop, self.engine, self.job.id, started=self.started,
-                       max_runtime_s=self.options.max_runtime_s)
 
 
 def _parse_line(obj: dict[str, Any], expected: int, dimensions: int) -> tuple[list[list[float]] | None, str | None,

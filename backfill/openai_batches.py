@@ -8,9 +8,10 @@ is recorded before it is sent, so nothing is lost or paid twice.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Iterator
-from typing import IO, Any
+from typing import IO, Any, Final, Literal
 
 import openai
 
@@ -24,7 +25,7 @@ from backfill.config import Secret
 from backfill.providers.base import FatalProviderError, ProviderError
 from backfill.providers.openai import _message, _retry_after
 
-ENDPOINT = "/v1/embeddings"
+ENDPOINT: Final[Literal["/v1/embeddings"]] = "/v1/embeddings"
 TERMINAL = ("completed", "failed", "expired", "cancelled")
 _NOT_ADOPTED = ("failed",)  # validation failed: nothing ran, nothing billed (expired/cancelled ones may hold results)
 _MAX_PAGES = 1000  # listing bound: 1000 pages of files (10,000 each) or batches (100 each)
@@ -62,7 +63,7 @@ class BatchApi:
             kwargs: dict[str, Any] = {"purpose": "batch", "limit": 10_000}
             if after:
                 kwargs["after"] = after
-            page = self._call("list files", lambda: self._client.files.list(**kwargs))
+            page = self._call("list files", functools.partial(self._client.files.list, **kwargs))
             for f in page.data:
                 if f.filename == name:
                     return f.id
@@ -91,7 +92,7 @@ class BatchApi:
             kwargs: dict[str, Any] = {"limit": 100}
             if after:
                 kwargs["after"] = after
-            page = self._call("list batches", lambda: self._client.batches.list(**kwargs))
+            page = self._call("list batches", functools.partial(self._client.batches.list, **kwargs))
             for b in page.data:  # a failed batch (e.g. refused for the queue limit) was not billed: not ours to adopt
                 if b.status not in _NOT_ADOPTED and (
                         b.input_file_id == input_file_id or (b.metadata or {}).get("backfill_file") == name):

@@ -156,18 +156,21 @@ def _duration(seconds: float | None) -> str:
 def render(plan: Plan) -> str:
     """The human table."""
     lines = [f"plan: {plan.provider}:{plan.model} ({plan.dimensions} dims), recipe {plan.recipe}",
-             f"  {'target':<10}{'rows':>10}{'skipped':>10}{'copied':>10}{'tokens':>14}{'truncated':>11}{'requests':>10}"]
+             f"  {'target':<10}{'rows':>10}{'skipped':>10}{'copied':>10}{'tokens':>14}{'truncated':>11}"
+             f"{'requests':>10}"]
     for name, t in plan.targets.items():
         lines.append(f"  {name:<10}{t.rows:>10,}{t.skipped:>10,}{t.copied:>10,}{t.tokens:>14,}{t.truncated:>11,}"
                      f"{t.requests:>10,}")
     total = plan.as_dict()
-    lines.append(f"  {'total':<10}{total['rows']:>10,}{total['skipped']:>10,}{total['copied']:>10,}{total['tokens']:>14,}"
-                 f"{total['truncated']:>11,}{total['requests']:>10,}")
+    lines.append(f"  {'total':<10}{total['rows']:>10,}{total['skipped']:>10,}{total['copied']:>10,}"
+                 f"{total['tokens']:>14,}{total['truncated']:>11,}{total['requests']:>10,}")
     price = {"table": "price table", "--price-per-mtok": "--price-per-mtok", "local": "the local model is free",
              "unknown": "model not in the price table: pass --price-per-mtok"}[plan.price_source]
-    lines.append(f"  cost      ${plan.cost_usd:.6f}  ({plan.tokens:,} tokens x ${plan.price_per_mtok:g} per 1M; {price})")
+    lines.append(f"  cost      ${plan.cost_usd:.6f}  ({plan.tokens:,} tokens x ${plan.price_per_mtok:g} per 1M; "
+                 f"{price})")
     if plan.cost_usd:
-        lines.append(f"  batch     ${plan.cost_usd_batch:.6f}  with --mode batch (the Batch API bills half; results within 24 h)")
+        lines.append(f"  batch     ${plan.cost_usd_batch:.6f}  with --mode batch "
+                     "(the Batch API bills half; results within 24 h)")
     if plan.limits_source == "none":
         lines.append("  ETA       - (no quota for this provider; pass --max-rpm/--max-tpm to estimate)")
     else:

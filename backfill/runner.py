@@ -45,7 +45,7 @@ from backfill.providers.base import (
 from backfill.stopping import LIMIT_REACHED, StopFlag
 from backfill.writer import encode_vector
 
-__all__ = ["Outcome", "PageResult", "Pager", "RunOptions", "Runner"]
+__all__ = ["JobRun", "Outcome", "PageResult", "Pager", "RunOptions", "Runner"]
 
 PIPELINE_PAGES = 3  # pages selected and queued ahead of the one being committed
 FIRST_PAGE_PER_THREAD = 4  # rows per request thread in a job's first page (a provider fed in chunks)
@@ -90,9 +90,12 @@ class Pager:
             cursor = int(rows[-1][0])
 
 
-class Runner:
+class JobRun:
+    """What every way of running a job holds (the sync `Runner`, `batch_api.BatchRunner`): the job and its lease,
+    the options, the stop flag, the run's totals, its page source (`pager`) and its commit step (`committer`)."""
+
     def __init__(self, engine: Engine, provider: Provider, job: jobs.Job, worker: str, options: RunOptions,
-                 progress: Any, stop: StopFlag) -> None:
+                 progress: Any, stop: StopFlag, *, price_factor: float = 1.0) -> None:
         self.engine = engine
         self.provider = provider
         self.job = job
@@ -103,10 +106,26 @@ class Runner:
         self.dialect = engine.dialect.name
         self.started = time.monotonic()
         self.outcome = Outcome(job.id, "running", None)
+        self.committer = Committer(engine, job, worker, options, provider, started=self.started,
+                                   price_per_mtok=provider.price_per_mtok * price_factor)
+        self.pager = Pager(engine, sources.for_run(options, job.dimensions, provider.model), options.limit)
+
+    def _heartbeat(self) -> None:
+        jobs.heartbeat(self.engine, self.job.id, self.worker)
+
+    def _check_stop(self) -> None:
+        stopping.check(self.stop, self.engine, self.job.id, started=self.started,
+                       max_runtime_s=self.options.max_runtime_s)
+
+
+class Runner(JobRun):
+    """The sync mode: requests to the provider's embeddings endpoint, pipelined, committed page by page."""
+
+    def __init__(self, engine: Engine, provider: Provider, job: jobs.Job, worker: str, options: RunOptions,
+                 progress: Any, stop: StopFlag) -> None:
+        super().__init__(engine, provider, job, worker, options, progress, stop)
         self._last_request = 0.0
         self._request_lock = threading.Lock()
-        self.committer = Committer(engine, job, worker, options, provider, started=self.started)
-        self.pager = Pager(engine, sources.for_run(options, job.dimensions, provider.model), options.limit)
         self._in_flight_texts: dict[str, tuple[PageResult, int]] = {}  # text hash -> (uncommitted page, row)
         self._cpu: ThreadPoolExecutor | None = None  # the prepare thread, while run() is on
         self._sent_pages = 0
@@ -354,9 +373,6 @@ class Runner:
         return result
 
     # --- record progress ------------------------------------------------------------------
-    def _heartbeat(self) -> None:
-        jobs.heartbeat(self.engine, self.job.id, self.worker)
-
     def _commit(self, spec: tables.Spec, rows: list[sa.Row], result: PageResult, cursors: dict[str, int] | None,
                 retry: bool) -> None:
         """The page's one transaction (commit.Committer), then this run's totals and the progress report."""
@@ -365,10 +381,6 @@ class Runner:
         self.outcome.add_page(spec.name, result, selected=len(rows), retry=retry,
                               cost_usd=self.committer.cost(result.tokens))
         self.progress.batch(self, spec.name, rows, result, None if retry else (cursors or {}).get(spec.name))
-
-    def _check_stop(self) -> None:
-        stopping.check(self.stop, self.engine, self.job.id, started=self.started,
-                       max_runtime_s=self.options.max_runtime_s)
 
     # --- entry points ---------------------------------------------------------------------
     def run(self) -> Outcome:

@@ -103,7 +103,7 @@ def scan(conn: Connection, spec: tables.Spec, *, after: int = 0, user_id: str | 
          dimensions: int | None = None, page: int = SCAN_PAGE, where: tuple = ()) -> Iterator[list[sa.Row]]:
     """Every row in scope after `after`, with `_needs` and its provenance, page by page by key."""
     while True:
-        rows = conn.execute(_scan_query(spec, conn.dialect.name, after, page, user_id, dimensions, where)).all()
+        rows = list(conn.execute(_scan_query(spec, conn.dialect.name, after, page, user_id, dimensions, where)).all())
         if not rows:
             return
         yield rows

@@ -64,8 +64,8 @@ def _texts(engine: sa.Engine, rows: set[tuple[str, int]]) -> dict[tuple[str, int
     with engine.connect() as conn:
         for table, spec in tables.SPECS.items():
             cols = ", ".join(["id", *spec.text_columns])
-            out.update({(table, r["id"]): expected_text(table, r)
-                        for r in conn.exec_driver_sql(f"SELECT {cols} FROM {table}").mappings() if (table, r["id"]) in rows})
+            found = conn.exec_driver_sql(f"SELECT {cols} FROM {table}").mappings()
+            out.update({(table, r["id"]): expected_text(table, r) for r in found if (table, r["id"]) in rows})
     return out
 
 
@@ -187,8 +187,10 @@ def test_failed_lines_become_failure_rows_and_retry_failed_resends_only_them(kin
         with engine.connect() as conn:
             failed = set(conn.exec_driver_sql(
                 "SELECT target, row_id FROM backfill_failures WHERE kind = 'failed' AND NOT resolved").all())
-            line = conn.exec_driver_sql("SELECT row_ids FROM backfill_batch_chunks WHERE state = 'failed'").scalars().all()
-        assert len(line) == 1 and failed == {("memories", i) for i in json.loads(line[0])} and ("memories", victim) in failed
+            line = conn.exec_driver_sql(
+                "SELECT row_ids FROM backfill_batch_chunks WHERE state = 'failed'").scalars().all()
+        assert len(line) == 1 and failed == {("memories", i) for i in json.loads(line[0])}
+        assert ("memories", victim) in failed
         assert needing(engine) - _blank(engine, todo) == failed  # every other row holds its vector
         assert assert_vectors_match_recipe(engine, rows - failed) == len(rows - failed)
         assert server.batches.stats()["uploaded_inputs"] == len(rows)

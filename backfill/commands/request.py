@@ -96,7 +96,8 @@ def validate(req: RunRequest) -> None:
             raise ConfigError(f"--mode must be one of {', '.join(page.MODES)}")
         batch_api.validate(req.provider, req.file_lines, req.poll_interval_s)
         if req.reembed_stale or req.vector_column:
-            raise ConfigError("--mode batch does not take --reembed-stale or --vector-column yet: run those in sync mode")
+            raise ConfigError("--mode batch does not take --reembed-stale or --vector-column yet: "
+                              "run those in sync mode")
 
 
 def validate_pacing(req: RunRequest) -> None:

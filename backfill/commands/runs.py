@@ -258,8 +258,7 @@ def _refuse_mixing(engine: Engine, req: RunRequest, user_id: str | None) -> None
     columnless = _columnless(engine)  # no column yet: no vector in it to mix with
     with engine.connect() as conn:
         for spec in (s for s in tables.specs_for(req.target) if s.name not in columnless):
-            compat.ensure_compatible(conn, spec, SimpleNamespace(model=model, dimensions=dims),  # type: ignore[arg-type]
-                                     user_id)
+            compat.ensure_compatible(conn, spec, SimpleNamespace(model=model, dimensions=dims), user_id)
 
 
 def _nothing_to_do(engine: Engine, req: RunRequest, user_id: str | None) -> bool:
@@ -314,7 +313,8 @@ def resume(settings: Settings, job_id: int | None, req: RunRequest) -> int:
     with engine.connect() as conn:
         job = jobs.get(conn, job_id) if job_id is not None else jobs.latest(conn, jobs.OPEN_STATUSES)
     if job is None:
-        report.nothing(f"no open job: nothing to resume (start one with `{report.suggest('backfill up')}`)", command="resume")
+        report.nothing(f"no open job: nothing to resume (start one with `{report.suggest('backfill up')}`)",
+                       command="resume")
         return 0
     if job.status not in jobs.OPEN_STATUSES:
         report.nothing(f"job {job.id} is {job.status}: nothing to resume", command="resume", job=job.id,
@@ -336,7 +336,8 @@ def retry_failed(settings: Settings, job_id: int | None, req: RunRequest) -> int
     with engine.connect() as conn:
         if job_id is None:
             row = conn.execute(sa.text(
-                "SELECT job_id FROM backfill_failures WHERE kind = 'failed' AND resolved = :f ORDER BY job_id DESC LIMIT 1"
+                "SELECT job_id FROM backfill_failures WHERE kind = 'failed' AND resolved = :f "
+                "ORDER BY job_id DESC LIMIT 1"
             ), {"f": False}).first()
             if row is None:
                 report.nothing("no recorded failures: nothing to retry", command="retry-failed")
