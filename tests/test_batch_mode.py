@@ -344,3 +344,28 @@ def test_a_batch_refused_for_the_queue_limit_is_created_again_from_the_same_file
         submits = conn.exec_driver_sql("SELECT sum(submits), count(*) FROM backfill_batches").one()
     assert submits[0] == stats["batches_created"] and submits[1] == stats["files_uploaded"]
     assert _job(engine)["failed"] == 0
+
+
+def test_limit_selects_exactly_that_many_rows_across_files_and_a_resume_sends_the_rest_once(tmp_path, cli):
+    """`--limit` is counted by the sync runner's Pager: blank rows count, files split, nothing sent twice."""
+    be = make_backend("sqlite", tmp_path)
+    engine = be.engine()
+    build(engine, memories=150, entities=40)
+    todo = needing(engine)
+    rows = todo - _blank(engine, todo)
+    with FakeOpenAI() as server:
+        server.batches.configure(polls_to_complete=0)
+        env = env_for(server, be.url)
+        first = cli("up", *RUN_ARGS, *BATCH, "-b", "10", "--batch-file-lines", "2", "--limit", "57", env=env)
+        assert first.code == 0, first.output[-2000:]
+        job = _job(engine)
+        assert (job["status"], job["selected"], job["stop_reason"]) == ("interrupted", 57, "limit reached")
+        assert job["embedded"] + job["skipped"] == 57 and len(todo - needing(engine)) == job["embedded"]
+        assert server.batches.stats()["uploaded_inputs"] == job["embedded"]
+        rest = cli("resume", "--poll-interval", "0.05", env=env)
+        assert rest.code == 0, rest.output[-2000:]
+        stats = server.batches.stats()
+    assert stats["uploaded_inputs"] == stats["billed_inputs"] == len(rows)  # no row uploaded twice
+    assert needing(engine) == todo - rows
+    job = _job(engine)
+    assert (job["status"], job["selected"], job["embedded"], job["failed"]) == ("done", len(todo), len(rows), 0)
