@@ -25,7 +25,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any
 
@@ -74,7 +74,7 @@ class Pager:
     def take(self, rows: int) -> None:
         self.queued += rows
 
-    def pages(self, spec: tables.Spec, cursor: int, size: Any, stop: StopFlag) -> Iterator[list[sa.Row]]:
+    def pages(self, spec: tables.Spec, cursor: int, size: Callable[[], int], stop: StopFlag) -> Iterator[list[sa.Row]]:
         """Pages of `size()` rows after `cursor` until the source is done, the limit is reached (the stop
         flag then says so) or the run is stopped."""
         while not stop.reason:
