@@ -272,8 +272,8 @@ def _nothing_to_do(engine: Engine, req: RunRequest, user_id: str | None) -> bool
         return False  # a table without its embedding column yet: every row of it will need one
     inspector = sa.inspect(engine)
     opts = RunOptions(target=req.target, user_id=user_id, reembed_all=req.reembed_all,
-                             reembed_stale=req.reembed_stale and inspector.has_table("backfill_embeddings"),
-                             model=model, recipe=req.recipe)
+                      reembed_stale=req.reembed_stale and inspector.has_table("backfill_embeddings"),
+                      model=model, recipe=req.recipe)
     with engine.connect() as conn:
         return not any(sources.remaining(conn, spec, dims, opts, 0) for spec in tables.specs_for(req.target))
 
