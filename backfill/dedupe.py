@@ -26,8 +26,7 @@ from backfill import db, tables
 from backfill.schema import backfill_embeddings as prov
 
 if TYPE_CHECKING:  # pragma: no cover
-    from backfill.packing import Item
-    from backfill.runner import PageResult
+    from backfill.page import Item, PageResult
 
 
 def _vector(raw: Any, dimensions: int) -> list[float] | None:

@@ -5,20 +5,15 @@ endpoint. The loop, the batch mode and the dry run (plan.py) pack the same way."
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
+
+from backfill.page import Item
+
+__all__ = ["MAX_REQUEST_INPUTS", "MAX_REQUEST_TOKENS", "Item", "pack_requests"]
 
 MAX_REQUEST_INPUTS = 2048
 MAX_REQUEST_TOKENS = 300_000
 
-
-@dataclass
-class Item:
-    target: str
-    row_id: int
-    text: str
-    tokens: int
-    truncated: bool = False
 
 
 def pack_requests(items: Sequence[Any], batch_size: int) -> list[list[Any]]:

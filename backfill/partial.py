@@ -5,15 +5,16 @@ The cursor moves to the last row before the first row left unsent, so a resume r
 again (keyset: `key > cursor`). Rows after it that did get a vector are written too: they no longer need
 one, so no later page selects them again, and they are counted once. Their failures and skips are not
 recorded: the resume reads those rows again and records them then, once. Pages after it in the same
-run (their requests may all have finished) commit the same way: the cursor never passes the first hole. With `--reembed-all` a row
-is selected whether or not it holds a vector, so there the vectors past the cursor are dropped too."""
+run (their requests may all have finished) commit the same way: the cursor never passes the first hole.
+With `--reembed-all` a row is selected whether or not it holds a vector, so there the vectors past the cursor
+are dropped too."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
-    from backfill.runner import PageResult
+    from backfill.page import PageResult
 
 
 def trim(rows: list[Any], result: PageResult, cursor: int, *, keep_beyond: bool = True,

@@ -9,15 +9,18 @@ The ETA is the larger of requests / rpm and tokens / tpm, at the limits given or
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from backfill import dedupe, packing, runner, tables
+from backfill import dedupe, packing, sources, stopping, tables
+from backfill.page import RunOptions
 from backfill.providers.base import BATCH_PRICE_FACTOR, PRICES
+from backfill.runner import Pager
 
 # A new OpenAI account's embedding limits (tier 1); pass --max-rpm/--max-tpm for yours.
 DEFAULT_LIMITS = {"rpm": 3_000.0, "tpm": 1_000_000.0}
@@ -51,15 +54,15 @@ class Plan:
 
     @property
     def rows(self) -> int:
-        return sum(t.rows for t in self.tables.values())
+        return sum(t.rows for t in self.targets.values())
 
     @property
     def tokens(self) -> int:
-        return sum(t.tokens for t in self.tables.values())
+        return sum(t.tokens for t in self.targets.values())
 
     @property
     def requests(self) -> int:
-        return sum(t.requests for t in self.tables.values())
+        return sum(t.requests for t in self.targets.values())
 
     @property
     def cost_usd(self) -> float:
@@ -80,9 +83,9 @@ class Plan:
 
     def as_dict(self) -> dict:
         out = asdict(self)
-        out.update(rows=self.rows, skipped=sum(t.skipped for t in self.tables.values()),
-                   copied=sum(t.copied for t in self.tables.values()), tokens=self.tokens,
-                   truncated=sum(t.truncated for t in self.tables.values()), requests=self.requests,
+        out.update(rows=self.rows, skipped=sum(t.skipped for t in self.targets.values()),
+                   copied=sum(t.copied for t in self.targets.values()), tokens=self.tokens,
+                   truncated=sum(t.truncated for t in self.targets.values()), requests=self.requests,
                    cost_usd=self.cost_usd, cost_usd_batch=self.cost_usd_batch, eta_s=self.eta_s)
         return out
 
@@ -103,40 +106,19 @@ def limits_for(provider: str, rpm: float | None, tpm: float | None) -> tuple[flo
     return None, None, "none"
 
 
-def _pages(engine: Engine, spec: tables.Spec, dimensions: int, options: runner.RunOptions, cursor: int,
-           budget: list[int]) -> Iterator[list[sa.Row]]:
-    """The runner's keyset pages (same size and `--limit`), without a job."""
-    dialect = engine.dialect.name
-    while True:
-        size = options.page_size
-        if options.limit is not None:
-            size = min(size, options.limit - budget[0])
-            if size <= 0:
-                return
-        with engine.connect() as conn:
-            rows = conn.execute(
-                sa.select(*tables.select_columns(spec))
-                .where(spec.key > cursor, runner.needing(spec, dialect, dimensions, options),
-                       *tables.scope(spec, options.user_id))
-                .order_by(spec.key).limit(size)
-            ).all()
-        if not rows:
-            return
-        budget[0] += len(rows)
-        yield rows
-        cursor = int(rows[-1][0])
-
-
-def compute(engine: Engine, plan: Plan, options: runner.RunOptions, fit: Fit,
+def compute(engine: Engine, plan: Plan, options: RunOptions, fit: Fit,
             cursors: dict[str, int] | None = None) -> Plan:
     """Fill `plan` with what a run of `options` would select, send and pay for."""
     cursors = cursors or {}
-    budget = [0]
+    # the runner's keyset pages (same size and `--limit`), without a job
+    pager = Pager(engine, functools.partial(sources.missing_rows, dimensions=plan.dimensions, options=options),
+                  options.limit)
+    stop = stopping.StopFlag()
     provenance = not options.reembed_all and sa.inspect(engine).has_table("backfill_embeddings")  # none before migrate
     for spec in tables.specs_for(options.target):
         tp = plan.targets.setdefault(spec.name, TargetPlan())
         sent: set[str] = set()  # the runner sends each text once per run (dedupe.py, Runner._in_run_copies)
-        for rows in _pages(engine, spec, plan.dimensions, options, cursors.get(spec.name, 0), budget):
+        for rows in pager.pages(spec, cursors.get(spec.name, 0), lambda: options.page_size, stop):
             fitted = []
             for row in rows:
                 text = tables.recipe_text(spec, row._mapping, options.recipe)
@@ -174,18 +156,21 @@ def _duration(seconds: float | None) -> str:
 def render(plan: Plan) -> str:
     """The human table."""
     lines = [f"plan: {plan.provider}:{plan.model} ({plan.dimensions} dims), recipe {plan.recipe}",
-             f"  {'target':<10}{'rows':>10}{'skipped':>10}{'copied':>10}{'tokens':>14}{'truncated':>11}{'requests':>10}"]
+             f"  {'target':<10}{'rows':>10}{'skipped':>10}{'copied':>10}{'tokens':>14}{'truncated':>11}"
+             f"{'requests':>10}"]
     for name, t in plan.targets.items():
         lines.append(f"  {name:<10}{t.rows:>10,}{t.skipped:>10,}{t.copied:>10,}{t.tokens:>14,}{t.truncated:>11,}"
                      f"{t.requests:>10,}")
     total = plan.as_dict()
-    lines.append(f"  {'total':<10}{total['rows']:>10,}{total['skipped']:>10,}{total['copied']:>10,}{total['tokens']:>14,}"
-                 f"{total['truncated']:>11,}{total['requests']:>10,}")
+    lines.append(f"  {'total':<10}{total['rows']:>10,}{total['skipped']:>10,}{total['copied']:>10,}"
+                 f"{total['tokens']:>14,}{total['truncated']:>11,}{total['requests']:>10,}")
     price = {"table": "price table", "--price-per-mtok": "--price-per-mtok", "local": "the local model is free",
              "unknown": "model not in the price table: pass --price-per-mtok"}[plan.price_source]
-    lines.append(f"  cost      ${plan.cost_usd:.6f}  ({plan.tokens:,} tokens x ${plan.price_per_mtok:g} per 1M; {price})")
+    lines.append(f"  cost      ${plan.cost_usd:.6f}  ({plan.tokens:,} tokens x ${plan.price_per_mtok:g} per 1M; "
+                 f"{price})")
     if plan.cost_usd:
-        lines.append(f"  batch     ${plan.cost_usd_batch:.6f}  with --mode batch (the Batch API bills half; results within 24 h)")
+        lines.append(f"  batch     ${plan.cost_usd_batch:.6f}  with --mode batch "
+                     "(the Batch API bills half; results within 24 h)")
     if plan.limits_source == "none":
         lines.append("  ETA       - (no quota for this provider; pass --max-rpm/--max-tpm to estimate)")
     else:

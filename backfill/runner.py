@@ -1,9 +1,10 @@
 """The loop: select a page by key, pack requests by tokens, embed concurrently, write back.
 
-Named parts (after Shopify's job-iteration): `_pages` enumerates (rows, cursor) by keyset, never
-OFFSET; `_embed_page` processes one page; `_commit` records progress. A page's embeddings, their
-provenance, its failure rows, the job's counters and its cursor commit in ONE transaction, so a
-process killed at any instant repeats at most the pages that were in flight.
+Named parts (after Shopify's job-iteration): a page source (sources.py: missing, stale or failed rows)
+read by `Pager`, which applies `--limit`, the stop flag and database retries, enumerates pages by
+keyset, never OFFSET; `_embed_page` processes one page; `commit.Committer` records progress. A page's
+embeddings, their provenance, its failure rows, the job's counters and its cursor commit in ONE
+transaction, so a process killed at any instant repeats at most the pages that were in flight.
 
 Pipelining: up to PIPELINE_PAGES pages have their requests queued on the pool (`--concurrency`
 requests in flight), while this thread, the only database writer, commits the oldest page as soon
@@ -12,9 +13,10 @@ whose page has not committed. One more page is read and prepared ahead (recipe t
 hashes) on a "prepare" thread, which also encodes answers as stored text: the Python work runs
 there while the writer's statements run with the GIL released (writer.py).
 
-What the loop uses lives beside it: packing.py (inputs into requests by tokens), stopping.py (the stop
-flag and signals), writer.py (a page's writes, a vector's stored text), tables.py (a table's columns
-and user scope). The one-model-per-column check before a job starts is compat.py.
+What the loop uses lives beside it: page.py (the shared types), sources.py (where pages come from),
+commit.py (the one commit step), packing.py (inputs into requests by tokens), stopping.py (the stop
+flag and signals), writer.py (a vector's stored text), tables.py (a table's columns and user scope).
+The one-model-per-column check before a job starts is compat.py.
 """
 
 from __future__ import annotations
@@ -23,16 +25,17 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Engine
 
-from backfill import db, dedupe, jobs, partial, stale, stopping, tables, vectors
-from backfill.packing import Item, pack_requests
+from backfill import db, dedupe, jobs, partial, sources, stopping, tables
+from backfill.commit import Committer
+from backfill.packing import pack_requests
+from backfill.page import Item, Outcome, PageResult, RunOptions
 from backfill.providers.base import (
     BadInput,
     FatalProviderError,
@@ -40,94 +43,59 @@ from backfill.providers.base import (
     ProviderError,
 )
 from backfill.stopping import LIMIT_REACHED, StopFlag
-from backfill.tables import scope, select_columns
-from backfill.writer import current, encode_vector, record_provenance, write_vectors
+from backfill.writer import encode_vector
+
+__all__ = ["JobRun", "Outcome", "PageResult", "Pager", "RunOptions", "Runner"]
 
 PIPELINE_PAGES = 3  # pages selected and queued ahead of the one being committed
 FIRST_PAGE_PER_THREAD = 4  # rows per request thread in a job's first page (a provider fed in chunks)
 GIL_SWITCH_S = 0.001  # while a job runs (CPython's default is 0.005)
 
 
-@dataclass
-class RunOptions:
-    target: str = "all"
-    user_id: str | None = None
-    batch_size: int = 100  # inputs per request (seed: -b)
-    concurrency: int = 4  # requests in flight
-    delay_ms: int = 0  # extra pause between requests (seed: -d)
-    limit: int | None = None  # rows to select in this invocation
-    max_runtime_s: float | None = None
-    recipe: str = tables.DEFAULT_RECIPE
-    reembed_all: bool = False
-    reembed_stale: bool = False  # also re-embed rows whose vector is stale (stale.py)
-    model: str | None = None  # the job's model: the reference for --reembed-stale counts
-    vector_column: str | None = None  # libSQL F32_BLOB column written beside the JSON (vectors.py)
+class Pager:
+    """A page source read after a cursor: each page through `db.retrying` (a dropped or locked database is
+    waited out), at most `--limit` rows in all (counted across tables and sources), none once stopped.
+    The one place these rules live: the sync runner, retry-failed, Batch API planning and `plan` use it."""
 
-    @property
-    def page_size(self) -> int:
-        return max(1, self.batch_size * self.concurrency)
+    def __init__(self, engine: Engine, source: sources.Source, limit: int | None) -> None:
+        self.engine = engine
+        self.source = source
+        self.limit = limit
+        self.queued = 0  # rows handed out so far (ahead of what has committed)
 
+    def room(self, size: int) -> int:
+        """How many rows the next page may hold: `size`, less what `--limit` leaves (0: the limit is reached)."""
+        return size if self.limit is None else max(0, min(size, self.limit - self.queued))
 
-@dataclass
-class PageResult:
-    vectors: dict[int, list[float]] = field(default_factory=dict)
-    failures: dict[int, str] = field(default_factory=dict)
-    skipped: dict[int, str] = field(default_factory=dict)
-    hashes: dict[int, str] = field(default_factory=dict)  # row -> content hash of its full recipe text
-    encoded: dict[int, str] = field(default_factory=dict)  # vectors as stored text, made off the writer thread
-    tokens: int = 0
-    requests: int = 0
-    copies: dict[int, int] = field(default_factory=dict)  # row -> row with the identical text (dedupe.py)
-    tokens_saved: int = 0
-    cross: dict[int, tuple[PageResult, int]] = field(default_factory=dict)  # row -> (earlier page, its row)
-    sent_hashes: list[str] = field(default_factory=list)
-    # set by the commit (writer.current): rows whose vector was written, and rows left alone because the
-    # server changed or deleted them while their page was in flight
-    written: list[int] = field(default_factory=list)
-    changed: list[int] = field(default_factory=list)
-    gone: list[int] = field(default_factory=list)
-    abandoned: set[int] = field(default_factory=set)  # rows left unsent by a stop: neither written nor failed
-    live: int = 0  # vectors already shown on the progress bar before this page committed
-    live_tokens: int = 0  # and their tokens
+    def read(self, spec: tables.Spec, after: int, size: int) -> list[sa.Row]:
+        """The next page after `after`, not counted against the limit (`take` counts what is used)."""
+        return db.retrying(self.engine, lambda conn: self.source(conn, spec, after, size), write=False)
+
+    def take(self, rows: int) -> None:
+        self.queued += rows
+
+    def pages(self, spec: tables.Spec, cursor: int, size: Callable[[], int], stop: StopFlag) -> Iterator[list[sa.Row]]:
+        """Pages of `size()` rows after `cursor` until the source is done, the limit is reached (the stop
+        flag then says so) or the run is stopped."""
+        while not stop.reason:
+            n = self.room(size())
+            if n <= 0:
+                stop.set(LIMIT_REACHED)
+                return
+            rows = self.read(spec, cursor, n)
+            if not rows:
+                return
+            self.take(len(rows))
+            yield rows
+            cursor = int(rows[-1][0])
 
 
-@dataclass
-class Outcome:
-    job_id: int
-    status: str
-    stop_reason: str | None
-    selected: int = 0
-    embedded: int = 0
-    failed: int = 0
-    skipped: int = 0
-    batches: int = 0
-    tokens: int = 0
-    cost_usd: float = 0.0
-    elapsed_s: float = 0.0
-    tokens_saved: int = 0
-    changed: int = 0
-    gone: int = 0
-    failed_ids: list[tuple[str, int]] = field(default_factory=list)
+class JobRun:
+    """What every way of running a job holds (the sync `Runner`, `batch_api.BatchRunner`): the job and its lease,
+    the options, the stop flag, the run's totals, its page source (`pager`) and its commit step (`committer`)."""
 
-
-def needing(spec: tables.Spec, dialect: str, dimensions: int, options: RunOptions) -> sa.ColumnElement[bool]:
-    if options.reembed_all:
-        return sa.true()
-    return tables.needs_embedding(spec, dialect, dimensions)
-
-
-def count_remaining(conn: Connection, spec: tables.Spec, dimensions: int, options: RunOptions, after: int) -> int:
-    if options.reembed_stale and not options.reembed_all:
-        ref = stale.Reference(options.model, dimensions, options.recipe)
-        return stale.remaining(conn, spec, ref, options.user_id, after)
-    q = sa.select(sa.func.count()).select_from(spec.table).where(
-        spec.key > after, needing(spec, conn.dialect.name, dimensions, options), *scope(spec, options.user_id))
-    return int(conn.execute(q).scalar() or 0)
-
-
-class Runner:
     def __init__(self, engine: Engine, provider: Provider, job: jobs.Job, worker: str, options: RunOptions,
-                 progress: Any, stop: StopFlag) -> None:
+                 progress: Any, stop: StopFlag, *, price_factor: float = 1.0) -> None:
         self.engine = engine
         self.provider = provider
         self.job = job
@@ -138,14 +106,28 @@ class Runner:
         self.dialect = engine.dialect.name
         self.started = time.monotonic()
         self.outcome = Outcome(job.id, "running", None)
+        self.committer = Committer(engine, job, worker, options, provider, started=self.started,
+                                   price_per_mtok=provider.price_per_mtok * price_factor)
+        self.pager = Pager(engine, sources.for_run(options, job.dimensions, provider.model), options.limit)
+
+    def _heartbeat(self) -> None:
+        jobs.heartbeat(self.engine, self.job.id, self.worker)
+
+    def _check_stop(self) -> None:
+        stopping.check(self.stop, self.engine, self.job.id, started=self.started,
+                       max_runtime_s=self.options.max_runtime_s)
+
+
+class Runner(JobRun):
+    """The sync mode: requests to the provider's embeddings endpoint, pipelined, committed page by page."""
+
+    def __init__(self, engine: Engine, provider: Provider, job: jobs.Job, worker: str, options: RunOptions,
+                 progress: Any, stop: StopFlag) -> None:
+        super().__init__(engine, provider, job, worker, options, progress, stop)
         self._last_request = 0.0
         self._request_lock = threading.Lock()
-        self.job_elapsed_committed = 0.0
-        self.queued = 0  # rows selected so far (ahead of what has committed)
         self._in_flight_texts: dict[str, tuple[PageResult, int]] = {}  # text hash -> (uncommitted page, row)
         self._cpu: ThreadPoolExecutor | None = None  # the prepare thread, while run() is on
-        self._batches: int | None = None  # the job's batch counter as of our last commit (jobs.batch_landed)
-        self._mirror_cache: dict[str, list[vectors.Mirror]] = {}
         self._sent_pages = 0
         self._holes: set[str] = set()  # tables where a stop left rows unsent: the cursor stays before them
         self._chunked = bool(provider.chunk_tokens)  # fed in chunks: the local model
@@ -154,44 +136,15 @@ class Runner:
         self._embedded_live = 0  # vectors received so far in this run (committed or not)
 
     # --- enumerate ------------------------------------------------------------------------
-    def _pages(self, spec: tables.Spec, cursor: int) -> Iterator[list[sa.Row]]:
-        if self.options.reembed_stale and not self.options.reembed_all:
-            yield from stale.pages(self, spec, cursor)
-            return
-        while not self.stop.reason:
-            size = self.options.page_size
-            if not self.queued and self._chunked:
-                # a slow (local) model's first page is small, a few inputs per thread: prepared and sent within
-                # moments, so the first vectors arrive (and the bar moves) while the next, full page is prepared
-                size = min(size, FIRST_PAGE_PER_THREAD * self.options.concurrency)
-            if self.options.limit is not None:
-                size = min(size, self.options.limit - self.queued)
-                if size <= 0:
-                    self.stop.set(LIMIT_REACHED)
-                    return
-            query = (sa.select(*select_columns(spec))
-                     .where(spec.key > cursor, needing(spec, self.dialect, self.job.dimensions, self.options),
-                            *scope(spec, self.options.user_id))
-                     .order_by(spec.key)
-                     .limit(size))
-            rows = db.retrying(self.engine, lambda conn: conn.execute(query).all(), write=False)
-            if not rows:
-                return
-            self.queued += len(rows)
-            yield rows
-            cursor = int(rows[-1][0])
+    def _page_size(self) -> int:
+        if not self.pager.queued and self._chunked:
+            # a slow (local) model's first page is small, a few inputs per thread: prepared and sent within
+            # moments, so the first vectors arrive (and the bar moves) while the next, full page is prepared
+            return min(self.options.page_size, FIRST_PAGE_PER_THREAD * self.options.concurrency)
+        return self.options.page_size
 
-    def pages_for_retry(self, spec: tables.Spec, row_ids: Sequence[int]) -> Iterator[list[sa.Row]]:
-        ids = list(row_ids)
-        for start in range(0, len(ids), self.options.page_size):
-            if self.stop.reason:
-                return
-            query = (sa.select(*select_columns(spec))
-                     .where(spec.key.in_(ids[start:start + self.options.page_size]), *scope(spec, self.options.user_id))
-                     .order_by(spec.key))
-            rows = db.retrying(self.engine, lambda conn, q=query: conn.execute(q).all(), write=False)
-            if rows:
-                yield rows
+    def _pages(self, spec: tables.Spec, cursor: int) -> Iterator[list[sa.Row]]:
+        return self.pager.pages(spec, cursor, self._page_size, self.stop)
 
     # --- process one page -----------------------------------------------------------------
     def _items(self, spec: tables.Spec, rows: list[sa.Row], result: PageResult) -> list[Item]:
@@ -264,7 +217,7 @@ class Runner:
             raise
         except ProviderError as exc:
             return [(i, None, str(exc)) for i in items], 0, 1
-        return [(i, v, None) for i, v in zip(items, got.vectors)], got.tokens, got.requests
+        return [(i, v, None) for i, v in zip(items, got.vectors, strict=False)], got.tokens, got.requests
 
     def _chunks(self, items: list[Item]) -> list[list[Item]]:
         """A request as the provider takes it: whole, or in chunks of about `chunk_tokens` tokens (the local
@@ -330,9 +283,9 @@ class Runner:
         items = dedupe.reduce(self.engine, spec, page_items, result, model=self.provider.model,
                               dimensions=self.job.dimensions, recipe=self.options.recipe, user_id=self.options.user_id,
                               across_jobs=not self.options.reembed_all)
-        prepared: Future = Future()
-        prepared.set_result([pool.submit(self._send, req) for req in self._requests(self._in_run_copies(items, result))])
-        return result, prepared
+        queued: Future = Future()
+        queued.set_result([pool.submit(self._send, req) for req in self._requests(self._in_run_copies(items, result))])
+        return result, queued
 
     def _in_run_copies(self, items: list[Item], result: PageResult) -> list[Item]:
         """A text already sent by an earlier page of this run that has not committed yet (so the
@@ -420,90 +373,14 @@ class Runner:
         return result
 
     # --- record progress ------------------------------------------------------------------
-    def _heartbeat(self) -> None:
-        jobs.heartbeat(self.engine, self.job.id, self.worker)
-
     def _commit(self, spec: tables.Spec, rows: list[sa.Row], result: PageResult, cursors: dict[str, int] | None,
                 retry: bool) -> None:
-        """Everything is prepared first (stored texts, failure rows); the transaction then takes the write lock,
-        checks each row is still the one embedded (writer.current), writes, and commits: the lock is held for
-        those statements alone, so the server's own writes beside a job wait milliseconds, not a page."""
-        elapsed = time.monotonic() - self.started
-        cost = result.tokens * self.provider.price_per_mtok / 1_000_000
-        stamp = jobs.now_iso()
-        encoded = {rid: result.encoded.get(rid) or encode_vector(vec) for rid, vec in result.vectors.items()}
-        hashes = {rid: result.hashes[rid] for rid in encoded}
-        still_needs = None if (self.options.reembed_all or self.options.reembed_stale) else \
-            tables.needs_embedding(spec, self.dialect, self.job.dimensions)
-        problems = [
-            *({"target": spec.name, "row_id": rid, "kind": "failed", "error": err[:1000]}
-              for rid, err in result.failures.items()),
-            *({"target": spec.name, "row_id": rid, "kind": "skipped", "error": why}
-              for rid, why in result.skipped.items()),
-        ]
-
-        def _write(conn: Connection) -> None:  # one transaction; retried whole on a locked/dropped database
-            db.lock_for_write(conn)
-            fresh, changed, gone = current(conn, spec, self.options.user_id, hashes, recipe=self.options.recipe,
-                                           still_needs=still_needs) if hashes else ([], [], [])
-            deltas: dict[str, float] = dict(
-                embedded=len(fresh), batches=1, requests=result.requests, tokens=result.tokens,
-                cost_usd=cost, elapsed_s=elapsed - self.job_elapsed_committed, tokens_saved=result.tokens_saved)
-            if retry:  # recorded failures that now succeeded, or whose row changed or went meanwhile
-                deltas["failed"] = -(len(fresh) + len(changed) + len(gone))
-            else:
-                deltas.update(selected=len(rows), failed=len(result.failures), skipped=len(result.skipped))
-            jobs.advance(conn, self.job.id, self.worker, cursors=cursors, **deltas)
-            if fresh:
-                write_vectors(conn, spec, self.options.user_id, {rid: encoded[rid] for rid in fresh})
-                for mirror in self._mirrors(conn, spec):  # native columns kept in step, flag or not (vectors.py)
-                    mirror.apply(conn, spec, fresh)
-                self._provenance(conn, spec, result, stamp, fresh)
-            jobs.upsert_failures(conn, self.job.id, [*problems, *jobs.notices(spec.name, changed, gone)])
-            if retry:
-                jobs.resolve_failures(conn, self.job.id, spec.name, fresh)
-            result.written, result.changed, result.gone = fresh, changed, gone
-        if self._batches is None:
-            self._batches = db.retrying(self.engine, lambda conn: jobs.batches(conn, self.job.id), write=False)
-        db.retrying(self.engine, _write, landed=jobs.batch_landed(self.job.id, self._batches))
-        self._batches += 1
-        self.job_elapsed_committed = elapsed
-
-    def _mirrors(self, conn: Connection, spec: tables.Spec) -> list[vectors.Mirror]:
-        if spec.name not in self._mirror_cache:
-            self._mirror_cache[spec.name] = vectors.configured(conn, spec, self.job.dimensions, self.options.vector_column)
-        return self._mirror_cache[spec.name]
-
-    def _provenance(self, conn: Connection, spec: tables.Spec, result: PageResult, stamp: str,
-                    written: list[int]) -> None:
-        record_provenance(conn, [
-            {"target": spec.name, "row_id": rid, "provider": self.provider.name, "model": self.provider.model,
-             "dimensions": self.provider.dimensions, "recipe_version": self.options.recipe,
-             "content_hash": result.hashes[rid], "job_id": self.job.id, "embedded_at": stamp}
-            for rid in written
-        ])
-
-    def _account(self, spec: tables.Spec, rows: list[sa.Row], result: PageResult, cursor: int | None) -> None:
-        o = self.outcome
-        if cursor is not None:
-            o.selected += len(rows)
-            o.skipped += len(result.skipped)
-            o.failed += len(result.failures)
-        else:
-            o.failed -= len(result.written) + len(result.changed) + len(result.gone)
-        o.embedded += len(result.written)
-        o.changed += len(result.changed)
-        o.gone += len(result.gone)
-        o.batches += 1
-        o.tokens += result.tokens
-        o.tokens_saved += result.tokens_saved
-        o.cost_usd += result.tokens * self.provider.price_per_mtok / 1_000_000
-        o.failed_ids.extend((spec.name, rid) for rid in result.failures)
-        self.progress.batch(self, spec.name, rows, result, cursor)
-
-    def _check_stop(self) -> None:
-        stopping.check(self.stop, self.engine, self.job.id, started=self.started,
-                       max_runtime_s=self.options.max_runtime_s)
+        """The page's one transaction (commit.Committer), then this run's totals and the progress report."""
+        self.committer.commit([(spec, result)], selected=len(rows), cursors=cursors, retry=retry)
+        self._forget(result)
+        self.outcome.add_page(spec.name, result, selected=len(rows), retry=retry,
+                              cost_usd=self.committer.cost(result.tokens))
+        self.progress.batch(self, spec.name, rows, result, None if retry else (cursors or {}).get(spec.name))
 
     # --- entry points ---------------------------------------------------------------------
     def run(self) -> Outcome:
@@ -529,7 +406,8 @@ class Runner:
                     break
         except BaseException:
             wait_for = not self.stop.aborted  # aborted: requests still on the wire are not waited for
-            pool.shutdown(wait=wait_for, cancel_futures=True)  # first: a request finishing now still hands its vectors on
+            # first: a request finishing now still hands its vectors on
+            pool.shutdown(wait=wait_for, cancel_futures=True)
             prep.shutdown(wait=wait_for, cancel_futures=True)
             raise
         finally:
@@ -556,22 +434,18 @@ class Runner:
             cursor = int(rows[-1][0])
         cursors[spec.name] = cursor
         self._commit(spec, rows, result, cursors, retry=False)
-        self._forget(result)
-        self._account(spec, rows, result, cursors[spec.name])
         self._check_stop()
 
     def retry(self) -> Outcome:
-        with self.engine.connect() as conn:
-            open_rows = jobs.open_failures(conn, self.job.id, "failed")
-        self.outcome.failed = len(open_rows)
+        """retry-failed: the job's recorded failures, page by page (sources.failed_rows)."""
+        self.outcome.failed = db.retrying(
+            self.engine, lambda conn: len(jobs.open_failures(conn, self.job.id, "failed")), write=False)
+        pager = Pager(self.engine, sources.for_retry(self.job.id, self.options.user_id), None)
         with ThreadPoolExecutor(max_workers=self.options.concurrency, thread_name_prefix="embed") as pool:
             for spec in tables.specs_for(self.job.target):
-                ids = [r["row_id"] for r in open_rows if r["target"] == spec.name]
-                for rows in self.pages_for_retry(spec, ids):
+                for rows in pager.pages(spec, 0, lambda: self.options.page_size, self.stop):
                     result = self._embed_page(pool, spec, rows)
                     self._commit(spec, rows, result, None, retry=True)
-                    self._forget(result)
-                    self._account(spec, rows, result, None)
                     self._check_stop()
                 if self.stop.reason:
                     break

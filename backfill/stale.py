@@ -16,18 +16,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from backfill import db, tables
+from backfill import tables
 from backfill.schema import backfill_embeddings as prov
 from backfill.schema import backfill_jobs
-from backfill.stopping import LIMIT_REACHED
-
-if TYPE_CHECKING:  # pragma: no cover
-    from backfill.runner import Runner
 
 SCAN_PAGE = 1000
 REASONS = ("text", "model", "recipe")
@@ -107,7 +103,7 @@ def scan(conn: Connection, spec: tables.Spec, *, after: int = 0, user_id: str | 
          dimensions: int | None = None, page: int = SCAN_PAGE, where: tuple = ()) -> Iterator[list[sa.Row]]:
     """Every row in scope after `after`, with `_needs` and its provenance, page by page by key."""
     while True:
-        rows = conn.execute(_scan_query(spec, conn.dialect.name, after, page, user_id, dimensions, where)).all()
+        rows = list(conn.execute(_scan_query(spec, conn.dialect.name, after, page, user_id, dimensions, where)).all())
         if not rows:
             return
         yield rows
@@ -152,41 +148,6 @@ def remaining(conn: Connection, spec: tables.Spec, ref: Reference, user_id: str 
     """Rows a `--reembed-stale` job still has to send after `after`."""
     return sum(1 for rows in scan(conn, spec, after=after, user_id=user_id, dimensions=ref.dimensions)
                for row in rows if wanted(spec, row, ref))
-
-
-def pages(runner: Runner, spec: tables.Spec, cursor: int) -> Iterator[list[sa.Row]]:
-    """The runner's enumerator for `--reembed-stale`: pages of rows that need or deserve a new vector.
-
-    Fresh rows are scanned past; the job's cursor is the last row handed out, so a resume rescans at
-    most one page of fresh rows and never skips a stale one.
-    """
-    opts = runner.options
-    ref = Reference(runner.provider.model, runner.job.dimensions, opts.recipe)
-    while not runner.stop.reason:
-        size = opts.page_size
-        if opts.limit is not None:
-            size = min(size, opts.limit - runner.queued)  # rows handed out, committed or not
-            if size <= 0:
-                runner.stop.set(LIMIT_REACHED)
-                return
-
-        def collect(conn: Connection, size: int = size, cursor: int = cursor) -> list[sa.Row]:
-            batch: list[sa.Row] = []
-            for rows in scan(conn, spec, after=cursor, user_id=opts.user_id, dimensions=runner.job.dimensions,
-                             page=max(size, SCAN_PAGE)):
-                for row in rows:
-                    if wanted(spec, row, ref):
-                        batch.append(row)
-                        if len(batch) >= size:
-                            return batch
-            return batch
-
-        batch = db.retrying(runner.engine, collect, write=False)  # a restarting database is waited out
-        if not batch:
-            return
-        runner.queued += len(batch)
-        yield batch
-        cursor = int(batch[-1][0])
 
 
 def adopt(engine: Engine, spec: tables.Spec, *, provider: str, model: str, dimensions: int, recipe: str,

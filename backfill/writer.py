@@ -122,7 +122,8 @@ def record_provenance(conn: Connection, rows: list[dict[str, Any]]) -> None:
     per = max(1, min(PROVENANCE_ROWS_PER_STATEMENT, _max_parameters(conn) // len(PROVENANCE_COLUMNS)))
     for start in range(0, len(rows), per):
         chunk = rows[start:start + per]
-        conn.exec_driver_sql(_provenance_sql(mark, len(chunk)), tuple(row[c] for row in chunk for c in PROVENANCE_COLUMNS))
+        params = tuple(row[c] for row in chunk for c in PROVENANCE_COLUMNS)
+        conn.exec_driver_sql(_provenance_sql(mark, len(chunk)), params)
 
 
 def current(conn: Connection, spec: tables.Spec, user_id: str | None, hashes: dict[int, str], *, recipe: str,

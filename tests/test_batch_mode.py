@@ -64,8 +64,8 @@ def _texts(engine: sa.Engine, rows: set[tuple[str, int]]) -> dict[tuple[str, int
     with engine.connect() as conn:
         for table, spec in tables.SPECS.items():
             cols = ", ".join(["id", *spec.text_columns])
-            out.update({(table, r["id"]): expected_text(table, r)
-                        for r in conn.exec_driver_sql(f"SELECT {cols} FROM {table}").mappings() if (table, r["id"]) in rows})
+            found = conn.exec_driver_sql(f"SELECT {cols} FROM {table}").mappings()
+            out.update({(table, r["id"]): expected_text(table, r) for r in found if (table, r["id"]) in rows})
     return out
 
 
@@ -187,8 +187,10 @@ def test_failed_lines_become_failure_rows_and_retry_failed_resends_only_them(kin
         with engine.connect() as conn:
             failed = set(conn.exec_driver_sql(
                 "SELECT target, row_id FROM backfill_failures WHERE kind = 'failed' AND NOT resolved").all())
-            line = conn.exec_driver_sql("SELECT row_ids FROM backfill_batch_chunks WHERE state = 'failed'").scalars().all()
-        assert len(line) == 1 and failed == {("memories", i) for i in json.loads(line[0])} and ("memories", victim) in failed
+            line = conn.exec_driver_sql(
+                "SELECT row_ids FROM backfill_batch_chunks WHERE state = 'failed'").scalars().all()
+        assert len(line) == 1 and failed == {("memories", i) for i in json.loads(line[0])}
+        assert ("memories", victim) in failed
         assert needing(engine) - _blank(engine, todo) == failed  # every other row holds its vector
         assert assert_vectors_match_recipe(engine, rows - failed) == len(rows - failed)
         assert server.batches.stats()["uploaded_inputs"] == len(rows)
@@ -297,7 +299,7 @@ def test_a_timed_out_upload_or_create_is_found_not_repeated_and_a_cut_download_i
 
 def test_files_stay_under_the_byte_limit(tmp_path, monkeypatch):
     """The planner bounds each file's bytes before it is built (here the limit is made small)."""
-    from backfill import batch, commands
+    from backfill import batch_api, commands
     from backfill.config import load_settings
 
     be = make_backend("sqlite", tmp_path)
@@ -306,7 +308,7 @@ def test_files_stay_under_the_byte_limit(tmp_path, monkeypatch):
     todo = needing(engine)
     rows = todo - _blank(engine, todo)
     limit = 60_000  # above one row at its longest (8,191 tokens), far below the whole table
-    monkeypatch.setattr(batch, "PLAN_BYTES", limit)
+    monkeypatch.setattr(batch_api, "PLAN_BYTES", limit)
     with FakeOpenAI() as server:
         server.batches.configure(polls_to_complete=0)
         settings = load_settings(be.url, environ=env_for(server, be.url), cwd=tmp_path)
@@ -342,3 +344,28 @@ def test_a_batch_refused_for_the_queue_limit_is_created_again_from_the_same_file
         submits = conn.exec_driver_sql("SELECT sum(submits), count(*) FROM backfill_batches").one()
     assert submits[0] == stats["batches_created"] and submits[1] == stats["files_uploaded"]
     assert _job(engine)["failed"] == 0
+
+
+def test_limit_selects_exactly_that_many_rows_across_files_and_a_resume_sends_the_rest_once(tmp_path, cli):
+    """`--limit` is counted by the sync runner's Pager: blank rows count, files split, nothing sent twice."""
+    be = make_backend("sqlite", tmp_path)
+    engine = be.engine()
+    build(engine, memories=150, entities=40)
+    todo = needing(engine)
+    rows = todo - _blank(engine, todo)
+    with FakeOpenAI() as server:
+        server.batches.configure(polls_to_complete=0)
+        env = env_for(server, be.url)
+        first = cli("up", *RUN_ARGS, *BATCH, "-b", "10", "--batch-file-lines", "2", "--limit", "57", env=env)
+        assert first.code == 0, first.output[-2000:]
+        job = _job(engine)
+        assert (job["status"], job["selected"], job["stop_reason"]) == ("interrupted", 57, "limit reached")
+        assert job["embedded"] + job["skipped"] == 57 and len(todo - needing(engine)) == job["embedded"]
+        assert server.batches.stats()["uploaded_inputs"] == job["embedded"]
+        rest = cli("resume", "--poll-interval", "0.05", env=env)
+        assert rest.code == 0, rest.output[-2000:]
+        stats = server.batches.stats()
+    assert stats["uploaded_inputs"] == stats["billed_inputs"] == len(rows)  # no row uploaded twice
+    assert needing(engine) == todo - rows
+    job = _job(engine)
+    assert (job["status"], job["selected"], job["embedded"], job["failed"]) == ("done", len(todo), len(rows), 0)

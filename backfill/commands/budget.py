@@ -7,13 +7,14 @@ from types import SimpleNamespace
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from backfill import compat, jobs, report, runner, tables
+from backfill import compat, jobs, report, tables
 from backfill import plan as planning
 from backfill import stats as coverage
 from backfill.commands.database import open_database
 from backfill.commands.request import RunRequest, resolve_provider, run_options, validate
 from backfill.config import Settings
 from backfill.errors import ConfigError
+from backfill.page import RunOptions
 from backfill.providers import DEFAULT_MODEL
 from backfill.providers.base import DEFAULT_DIMENSIONS, Provider
 
@@ -36,15 +37,15 @@ def open_cursors(engine: Engine, key: jobs.JobKey) -> dict[str, int]:
     return job.cursors if job else {}
 
 
-def refuse_over_budget(engine: Engine, req: RunRequest, provider: Provider, options: runner.RunOptions,
+def refuse_over_budget(engine: Engine, req: RunRequest, provider: Provider, options: RunOptions,
                        key: jobs.JobKey) -> None:
     p = new_plan(req, provider.name, provider.model, provider.dimensions)
     p.price_per_mtok = provider.price_per_mtok
     planning.compute(engine, p, options, provider.fit, open_cursors(engine, key))
     report.event("plan", **p.as_dict())
-    batch = req.extra.get("mode", "sync") == "batch"
+    batch = req.mode == "batch"
     cost = p.cost_usd_batch if batch else p.cost_usd
-    if cost > req.max_cost:
+    if req.max_cost is not None and cost > req.max_cost:
         raise ConfigError(
             f"this run would cost ${cost:.4f} ({p.tokens:,} tokens at ${p.price_per_mtok:g} per 1M"
             f"{', Batch API half price' if batch else ''}), above "
@@ -59,7 +60,7 @@ def _refuse_like_run(engine: Engine, req: RunRequest, model: str, dims: int, use
     with engine.connect() as conn:
         for spec in tables.specs_for(req.target):
             try:
-                compat.ensure_compatible(conn, spec, wanted, user_id)  # type: ignore[arg-type]
+                compat.ensure_compatible(conn, spec, wanted, user_id)
             except ConfigError as exc:
                 raise ConfigError(f"`run` with these options would refuse to start: {exc.message}") from None
 
@@ -82,9 +83,10 @@ def plan(settings: Settings, req: RunRequest) -> int:
         from backfill.tokens import MAX_INPUT_TOKENS, truncate
 
         name, model = "openai", req.model or DEFAULT_MODEL
-        dims = req.dimensions or DEFAULT_DIMENSIONS.get(model)
-        if not dims:
+        known = req.dimensions or DEFAULT_DIMENSIONS.get(model)
+        if not known:
             raise ConfigError(f"unknown dimensions for model {model!r}: pass --dimensions N")
+        dims = known
 
         def fit(text: str) -> tuple[str, int, bool]:
             return truncate(text, MAX_INPUT_TOKENS)

@@ -7,11 +7,12 @@ import json
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from backfill import jobs, report, runner, tables
+from backfill import jobs, report, sources, tables
 from backfill.commands.database import open_database, require_tables
 from backfill.commands.failures import top_reasons
 from backfill.config import Settings
 from backfill.errors import ConfigError
+from backfill.page import RunOptions
 
 
 def pick_job(conn: Connection, job_id: int | None, statuses: tuple[str, ...], what: str) -> jobs.Job:
@@ -31,11 +32,8 @@ def _job_view(conn: Connection, job: jobs.Job, *, remaining: bool) -> dict:
     rate = row["embedded"] / row["elapsed_s"] if row["elapsed_s"] else None
     row["rate_rows_s"] = None if rate is None else round(rate, 2)
     if remaining and job.status in jobs.OPEN_STATUSES:
-        opts = runner.RunOptions(target=job.target, user_id=job.user_id,
-                                 reembed_all=bool(job.params.get("reembed_all")),
-                                 reembed_stale=bool(job.params.get("reembed_stale")), model=job.model,
-                                 recipe=job.recipe_version)
-        left = sum(runner.count_remaining(conn, s, job.dimensions, opts, job.cursors.get(s.name, 0))
+        opts = RunOptions.from_job(job)
+        left = sum(sources.remaining(conn, s, job.dimensions, opts, job.cursors.get(s.name, 0))
                    for s in tables.specs_for(job.target))
         row["remaining"] = left
         row["eta_s"] = round(left / rate, 1) if rate else None
@@ -56,9 +54,9 @@ def status(settings: Settings, job_id: int | None) -> int:
         view = _job_view(conn, jobs.get(conn, job.id), remaining=True)
         view["top_reasons"] = [{**r, "reason": settings.redact(r["reason"])} for r in top_reasons(conn, job.id)]
         if polled is not None:
-            from backfill import batch
+            from backfill import batch_api
 
-            view["batch_api"] = {**batch.summary(conn, job.id), "poll": polled}
+            view["batch_api"] = {**batch_api.summary(conn, job.id), "poll": polled}
     if report.is_json():
         print(json.dumps(view, default=str), flush=True)
         return 0
@@ -117,9 +115,9 @@ def _when(stamp: object) -> str:
 def _batch_status(settings: Settings, engine: Engine, job: jobs.Job) -> str | None:
     """For a batch job: poll the provider once and write what finished (None for a sync job)."""
     # Batch API mode (and the openai SDK it needs) loads only when a job uses it
-    from backfill import batch
+    from backfill import batch_api
 
-    return batch.collect_for_status(settings, engine, job) if batch.is_batch(job) else None
+    return batch_api.collect_for_status(settings, engine, job) if batch_api.is_batch(job) else None
 
 
 def list_jobs(settings: Settings) -> int:
@@ -157,9 +155,9 @@ def cancel(settings: Settings, job_id: int) -> int:
                        status=job.status)
         return 0
     if job.params.get("mode") == "batch":
-        from backfill import batch
+        from backfill import batch_api
 
-        report.say(f"cancelled {batch.cancel_remote(settings, engine, job)} batch(es) at the provider")
+        report.say(f"cancelled {batch_api.cancel_remote(settings, engine, job)} batch(es) at the provider")
     with engine.begin() as conn:
         job = jobs.cancel(conn, job_id)
     report.say(f"job {job.id} cancelled; a running worker stops after its in-flight batch")

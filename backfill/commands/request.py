@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from backfill import jobs, packing, providers, runner, tables
+from backfill import jobs, packing, page, providers, tables
 from backfill.config import Settings
 from backfill.errors import ConfigError
 from backfill.limits import Limiter
@@ -39,6 +39,25 @@ class RunRequest:
     max_cost: float | None = None  # USD; refuse a run whose plan costs more
     price_per_mtok: float | None = None  # USD per 1M tokens, over the model's price table
 
+    # `extra` holds what only some commands are given; its defaults are these, written once
+    @property
+    def mode(self) -> str:
+        return str(self.extra.get("mode", "sync"))
+
+    @property
+    def file_lines(self) -> int:
+        return int(self.extra.get("file_lines", page.MAX_FILE_LINES))
+
+    @property
+    def poll_interval_s(self) -> float:
+        poll = self.extra.get("poll_interval")
+        return page.POLL_INTERVAL_S if poll is None else float(poll)
+
+    def pacing(self) -> dict:
+        """How fast and how long this invocation runs: what `resume` and `retry-failed` take over a job's own."""
+        return {"batch_size": self.batch_size, "concurrency": self.concurrency, "delay_ms": self.delay_ms,
+                "limit": self.limit, "max_runtime_s": self.max_runtime_s}
+
 
 MAX_DIMENSIONS = 16_000  # more than any embedding model's vector (text-embedding-3-large: 3072)
 
@@ -70,16 +89,15 @@ def validate(req: RunRequest) -> None:
     if req.max_cost is not None and req.max_cost < 0:
         raise ConfigError("--max-cost must be >= 0 (US dollars)")
     validate_pacing(req)
-    mode = req.extra.get("mode", "sync")
-    if mode != "sync":
-        from backfill import batch
+    if req.mode != "sync":
+        from backfill import batch_api
 
-        if mode not in batch.MODES:
-            raise ConfigError(f"--mode must be one of {', '.join(batch.MODES)}")
-        batch.validate(req.provider, int(req.extra.get("file_lines", batch.MAX_LINES)),
-                       float(req.extra.get("poll_interval", 60.0)))
+        if req.mode not in page.MODES:
+            raise ConfigError(f"--mode must be one of {', '.join(page.MODES)}")
+        batch_api.validate(req.provider, req.file_lines, req.poll_interval_s)
         if req.reembed_stale or req.vector_column:
-            raise ConfigError("--mode batch does not take --reembed-stale or --vector-column yet: run those in sync mode")
+            raise ConfigError("--mode batch does not take --reembed-stale or --vector-column yet: "
+                              "run those in sync mode")
 
 
 def validate_pacing(req: RunRequest) -> None:
@@ -99,17 +117,16 @@ def validate_pacing(req: RunRequest) -> None:
     for flag, value in (("--max-rpm", req.max_rpm), ("--max-tpm", req.max_tpm)):
         if value is not None and not value > 0:
             raise ConfigError(f"{flag} must be > 0 (or drop it to learn the limit from the provider's headers)")
-    poll = req.extra.get("poll_interval")
-    if poll is not None and not float(poll) > 0:
+    if not req.poll_interval_s > 0:
         raise ConfigError("--poll-interval must be > 0 seconds")
 
 
-def run_options(req: RunRequest, user_id: str | None) -> runner.RunOptions:
-    return runner.RunOptions(
-        target=req.target, user_id=user_id, batch_size=req.batch_size, concurrency=req.concurrency,
-        delay_ms=req.delay_ms, limit=req.limit, max_runtime_s=req.max_runtime_s, recipe=req.recipe,
-        reembed_all=req.reembed_all, reembed_stale=req.reembed_stale, model=req.model,
-        vector_column=req.vector_column,
+def run_options(req: RunRequest, user_id: str | None, base_url: str | None = None) -> page.RunOptions:
+    """What a new run is asked to do (`resume` and `retry-failed` take `page.RunOptions.from_job`)."""
+    return page.RunOptions(
+        target=req.target, user_id=user_id, recipe=req.recipe, reembed_all=req.reembed_all,
+        reembed_stale=req.reembed_stale, model=req.model, vector_column=req.vector_column, mode=req.mode,
+        file_lines=req.file_lines, price_per_mtok=req.price_per_mtok, base_url=base_url, **req.pacing(),
     )
 
 
@@ -120,14 +137,14 @@ def build_provider(settings: Settings, req: RunRequest) -> Provider:
     )
 
 
-def from_job(job: jobs.Job, req: RunRequest) -> RunRequest:
-    """`resume` and `retry-failed` continue a job as it was started: its provider, model, target, recipe."""
-    params = job.params
+def from_job(job: jobs.Job, req: RunRequest) -> tuple[RunRequest, page.RunOptions]:
+    """`resume` and `retry-failed` continue a job as it was started (its provider, model, target, recipe, ...),
+    at this invocation's pace."""
+    options = page.RunOptions.from_job(job, **req.pacing())
     req.provider, req.model, req.dimensions = job.provider, job.model, job.dimensions
-    req.target, req.user_email, req.recipe = job.target, job.user_email, job.recipe_version
-    req.reembed_all = bool(params.get("reembed_all"))
-    req.reembed_stale = bool(params.get("reembed_stale"))
-    req.vector_column = params.get("vector_column")
+    req.target, req.user_email, req.recipe = job.target, job.user_email, options.recipe
+    req.reembed_all, req.reembed_stale, req.vector_column = options.reembed_all, options.reembed_stale, \
+        options.vector_column
     if req.price_per_mtok is None:
-        req.price_per_mtok = params.get("price_per_mtok")
-    return req
+        req.price_per_mtok = options.price_per_mtok
+    return req, options

@@ -15,9 +15,10 @@ from backfill import (
     compat,
     db,
     jobs,
-    locks,
+    launch,
     report,
     runner,
+    sources,
     stale,
     stopping,
     tables,
@@ -44,6 +45,7 @@ from backfill.commands.request import (
 )
 from backfill.config import Settings
 from backfill.errors import ConfigError, Interrupted, LeaseHeld, RowsFailed
+from backfill.page import RunOptions
 from backfill.providers import DEFAULT_MODEL
 from backfill.providers.base import DEFAULT_DIMENSIONS, FatalProviderError, Provider
 
@@ -77,7 +79,7 @@ def _claim(engine: Engine, job: jobs.Job, worker: str, req: RunRequest) -> jobs.
 
 
 def _drive(settings: Settings, engine: Engine, job: jobs.Job, provider: Provider, req: RunRequest,
-           options: runner.RunOptions, *, retry: bool = False, runner_class: Callable[..., Any] | None = None) -> int:
+           options: RunOptions, *, retry: bool = False, runner_class: Callable[..., Any] | None = None) -> int:
     worker = jobs.worker_identity()
     job = _claim(engine, job, worker, req)
     options.max_runtime_s = req.max_runtime_s
@@ -86,7 +88,7 @@ def _drive(settings: Settings, engine: Engine, job: jobs.Job, provider: Provider
         if retry:
             total = len(jobs.open_failures(conn, job.id))
         else:
-            total = sum(runner.count_remaining(conn, spec, job.dimensions, options, job.cursors.get(spec.name, 0))
+            total = sum(sources.remaining(conn, spec, job.dimensions, options, job.cursors.get(spec.name, 0))
                         for spec in tables.specs_for(job.target))
     run = (runner_class or runner.Runner)(engine, provider, job, worker, options, None, stop)
     status, reason = "interrupted", None
@@ -167,11 +169,11 @@ def _count_from_job(outcome: Any, before: jobs.Job, after: jobs.Job) -> None:
 def _batch_runner(settings: Settings, job: jobs.Job, req: RunRequest) -> Callable[..., Any] | None:
     """The batch-mode runner for a job started with `--mode batch`, else None (the sync runner)."""
     # Batch API mode (and the openai SDK it needs) loads only when a job uses it
-    from backfill import batch
+    from backfill import batch_api
 
-    if not batch.is_batch(job):
+    if not batch_api.is_batch(job):
         return None
-    return batch.runner_factory(settings, job, req.timeout_s, float(req.extra.get("poll_interval", 60.0)))
+    return batch_api.runner_factory(settings, job, req.timeout_s, req.poll_interval_s)
 
 
 def _tolerated(req: RunRequest, failed: int, selected: int) -> bool:
@@ -182,7 +184,6 @@ def _tolerated(req: RunRequest, failed: int, selected: int) -> bool:
 def run(settings: Settings, req: RunRequest) -> int:
     req = resolve_provider(settings, req)
     validate(req)
-    mode = req.extra.get("mode", "sync")
     target, engine = open_database(settings)
     if req.vector_column:
         vectors.check_backend(target.kind, req.vector_column)
@@ -196,41 +197,17 @@ def run(settings: Settings, req: RunRequest) -> int:
         return 0
     provider = req.extra.pop("provider", None) or build_provider(settings, req)
     req.model = provider.model
-    options = run_options(req, user_id)
-    key = jobs.JobKey("run", req.target, user_id, provider.name, provider.model, provider.dimensions, req.recipe)
+    options = run_options(req, user_id, settings.openai_base_url)
     if req.max_cost is not None:
-        refuse_over_budget(engine, req, provider, options, key)
-    with engine.begin() as conn:
-        locks.jobs_lock(conn)  # find-or-create is atomic: workers started at once share one job
-        job = jobs.find_open(conn, key)
-        if job is None:
-            if not (req.reembed_all or req.reembed_stale):
-                for spec in tables.specs_for(req.target):
-                    compat.ensure_compatible(conn, spec, provider, user_id)
-            elif req.reembed_stale and not req.reembed_all:
-                for spec in tables.specs_for(req.target):
-                    stale.refuse_mixing(conn, spec, provider.model, provider.dimensions, user_id)
-            params = {"batch_size": req.batch_size, "concurrency": req.concurrency, "delay_ms": req.delay_ms,
-                      "reembed_all": req.reembed_all, "base_url": settings.openai_base_url}
-            if mode == "batch":
-                params.update(mode="batch", file_lines=int(req.extra.get("file_lines", 50_000)))
-            if req.reembed_stale:
-                params["reembed_stale"] = True
-            if req.vector_column:
-                params["vector_column"] = req.vector_column
-            if req.price_per_mtok is not None:
-                params["price_per_mtok"] = req.price_per_mtok  # so resume and retry-failed cost the same
-            job = jobs.create(conn, key, user_email=req.user_email, batch_size=req.batch_size, params=params)
-            report.say(f"started job {job.id}: {req.target} with {provider.model} ({provider.dimensions} dimensions)")
-        elif job.params.get("mode", "sync") != mode:
-            raise ConfigError(f"job {job.id} is open in {job.params.get('mode', 'sync')} mode: continue it with "
-                              f"`backfill resume {job.id}` or stop it with `backfill cancel {job.id}`")
-        else:
-            report.say(f"resuming job {job.id} from its last committed batch")
-        if req.vector_column:  # last: every refusal above comes before this DDL
-            for name in vectors.prepare(conn, target.kind, tables.specs_for(req.target), req.vector_column,
-                                        provider.dimensions):
-                report.say(f"added column {name}.{req.vector_column} F32_BLOB({provider.dimensions})")
+        refuse_over_budget(engine, req, provider, options, launch.key_for(options, provider))
+    started = launch.find_or_create(engine, options, provider, user_email=req.user_email, database_kind=target.kind)
+    job = started.job
+    if started.created:
+        report.say(f"started job {job.id}: {req.target} with {provider.model} ({provider.dimensions} dimensions)")
+    else:
+        report.say(f"resuming job {job.id} from its last committed batch")
+    for name in started.added_columns:
+        report.say(f"added column {name}.{req.vector_column} F32_BLOB({provider.dimensions})")
     if req.adopt_existing:
         _adopt(engine, job, provider, req, user_id)
     return _drive(settings, engine, job, provider, req, options, runner_class=_batch_runner(settings, job, req))
@@ -281,8 +258,7 @@ def _refuse_mixing(engine: Engine, req: RunRequest, user_id: str | None) -> None
     columnless = _columnless(engine)  # no column yet: no vector in it to mix with
     with engine.connect() as conn:
         for spec in (s for s in tables.specs_for(req.target) if s.name not in columnless):
-            compat.ensure_compatible(conn, spec, SimpleNamespace(model=model, dimensions=dims),  # type: ignore[arg-type]
-                                     user_id)
+            compat.ensure_compatible(conn, spec, SimpleNamespace(model=model, dimensions=dims), user_id)
 
 
 def _nothing_to_do(engine: Engine, req: RunRequest, user_id: str | None) -> bool:
@@ -295,11 +271,11 @@ def _nothing_to_do(engine: Engine, req: RunRequest, user_id: str | None) -> bool
     if any(spec.name in columnless for spec in tables.specs_for(req.target)):
         return False  # a table without its embedding column yet: every row of it will need one
     inspector = sa.inspect(engine)
-    opts = runner.RunOptions(target=req.target, user_id=user_id, reembed_all=req.reembed_all,
-                             reembed_stale=req.reembed_stale and inspector.has_table("backfill_embeddings"),
-                             model=model, recipe=req.recipe)
+    opts = RunOptions(target=req.target, user_id=user_id, reembed_all=req.reembed_all,
+                      reembed_stale=req.reembed_stale and inspector.has_table("backfill_embeddings"),
+                      model=model, recipe=req.recipe)
     with engine.connect() as conn:
-        return not any(runner.count_remaining(conn, spec, dims, opts, 0) for spec in tables.specs_for(req.target))
+        return not any(sources.remaining(conn, spec, dims, opts, 0) for spec in tables.specs_for(req.target))
 
 
 def _preflight(settings: Settings, req: RunRequest) -> None:
@@ -337,17 +313,17 @@ def resume(settings: Settings, job_id: int | None, req: RunRequest) -> int:
     with engine.connect() as conn:
         job = jobs.get(conn, job_id) if job_id is not None else jobs.latest(conn, jobs.OPEN_STATUSES)
     if job is None:
-        report.nothing(f"no open job: nothing to resume (start one with `{report.suggest('backfill up')}`)", command="resume")
+        report.nothing(f"no open job: nothing to resume (start one with `{report.suggest('backfill up')}`)",
+                       command="resume")
         return 0
     if job.status not in jobs.OPEN_STATUSES:
         report.nothing(f"job {job.id} is {job.status}: nothing to resume", command="resume", job=job.id,
                        status=job.status)
         return 0
-    req = from_job(job, req)
+    req, options = from_job(job, req)
     provider = build_provider(settings, req)
     report.say(f"resuming job {job.id} from its last committed batch")
-    return _drive(settings, engine, job, provider, req, run_options(req, job.user_id),
-                  runner_class=_batch_runner(settings, job, req))
+    return _drive(settings, engine, job, provider, req, options, runner_class=_batch_runner(settings, job, req))
 
 
 def retry_failed(settings: Settings, job_id: int | None, req: RunRequest) -> int:
@@ -360,7 +336,8 @@ def retry_failed(settings: Settings, job_id: int | None, req: RunRequest) -> int
     with engine.connect() as conn:
         if job_id is None:
             row = conn.execute(sa.text(
-                "SELECT job_id FROM backfill_failures WHERE kind = 'failed' AND resolved = :f ORDER BY job_id DESC LIMIT 1"
+                "SELECT job_id FROM backfill_failures WHERE kind = 'failed' AND resolved = :f "
+                "ORDER BY job_id DESC LIMIT 1"
             ), {"f": False}).first()
             if row is None:
                 report.nothing("no recorded failures: nothing to retry", command="retry-failed")
@@ -372,10 +349,10 @@ def retry_failed(settings: Settings, job_id: int | None, req: RunRequest) -> int
         report.nothing(f"job {job.id} has no unresolved failures: nothing to retry", command="retry-failed",
                        job=job.id)
         return 0
-    req = from_job(job, req)
+    req, options = from_job(job, req)
     provider = build_provider(settings, req)
     report.say(f"retrying {pending} failed row(s) of job {job.id}")
-    return _drive(settings, engine, job, provider, req, run_options(req, job.user_id), retry=True)
+    return _drive(settings, engine, job, provider, req, options, retry=True)
 
 
 def up(settings: Settings, req: RunRequest) -> int:

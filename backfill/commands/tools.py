@@ -34,6 +34,7 @@ def sample_db(settings: Settings, *, memories: int, entities: int, dimensions: i
         raise ConfigError(f"{target.path} already exists: pick a new file name")
     engine = db.engine_for(target, must_exist=False)
     sample.build(engine, sample.SampleSpec(memories=memories, entities=entities, dimensions=dimensions, seed=seed))
-    report.say(f"built {target.display}: {memories} memories, {entities} entities (mcp-memory-ts schema, not yet migrated)")
+    report.say(f"built {target.display}: {memories} memories, {entities} entities "
+               "(mcp-memory-ts schema, not yet migrated)")
     report.event("sample_db", path=str(target.path), memories=memories, entities=entities)
     return 0
