@@ -65,7 +65,7 @@ def _tags(raw: Any) -> list[str]:
     return [str(raw)]
 
 
-def _memory_parts(row: Mapping[str, Any]) -> list[str]:
+def _memory_parts(row: Mapping[Any, Any]) -> list[str]:
     parts = [row.get("title") or "", row.get("content") or ""]
     if row.get("memory_type"):
         parts.append(f"Type: {row['memory_type']}")
@@ -75,7 +75,7 @@ def _memory_parts(row: Mapping[str, Any]) -> list[str]:
     return parts
 
 
-def _entity_parts(row: Mapping[str, Any]) -> list[str]:
+def _entity_parts(row: Mapping[Any, Any]) -> list[str]:
     parts = [row.get("name") or ""]
     if row.get("description"):
         parts.append(row["description"])
@@ -98,7 +98,7 @@ class Spec:
     name: str
     table: sa.Table
     text_columns: tuple[str, ...]
-    parts: Callable[[Mapping[str, Any]], list[str]]
+    parts: Callable[[Mapping[Any, Any]], list[str]]
 
     @property
     def key(self) -> sa.Column:
@@ -198,7 +198,7 @@ def as_text(value: Any) -> str | None:
     return str(value)
 
 
-def unreadable(spec: Spec, row: Mapping[str, Any]) -> str | None:
+def unreadable(spec: Spec, row: Mapping[Any, Any]) -> str | None:
     """Why this row has no text to embed (a BLOB in a text column), or None."""
     blobs = (row.get(BLOBS) or "").split()
     if not blobs:
@@ -214,7 +214,7 @@ def scope(spec: Spec, user_id: str | None) -> list[sa.ColumnElement[bool]]:
 RECIPES = {"mcp-memory-ts/1": _ASCII_KEEP, "unicode/1": _UNICODE_KEEP}
 
 
-def recipe_text(spec: Spec, row: Mapping[str, Any], recipe: str = DEFAULT_RECIPE) -> str:
+def recipe_text(spec: Spec, row: Mapping[Any, Any], recipe: str = DEFAULT_RECIPE) -> str:
     """The text the server would embed for this row (before truncation by tokens)."""
     row = {**row, **{name: as_text(row.get(name)) for name in spec.text_columns}}
     joined = "\n\n".join(spec.parts(row))
