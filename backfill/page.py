@@ -98,6 +98,9 @@ class PageResult:
     abandoned: set[int] = field(default_factory=set)  # rows left unsent by a stop: neither written nor failed
     live: int = 0  # vectors already shown on the progress bar before this page committed
     live_tokens: int = 0  # and their tokens
+    # requests of this page whose vectors committed as they landed, before the page (runner.Runner._land)
+    landed: list[PageResult] = field(default_factory=list)
+    landed_requests: set[Any] = field(default_factory=set)  # their futures
 
 
 @dataclass

@@ -2,14 +2,16 @@
 
 Named parts (after Shopify's job-iteration): a page source (sources.py: missing, stale or failed rows)
 read by `Pager`, which applies `--limit`, the stop flag and database retries, enumerates pages by
-keyset, never OFFSET; `_embed_page` processes one page; `commit.Committer` records progress. A page's
-embeddings, their provenance, its failure rows, the job's counters and its cursor commit in ONE
-transaction, so a process killed at any instant repeats at most the pages that were in flight.
+keyset, never OFFSET; `_embed_page` processes one page; `commit.Committer` records progress. Each
+request's vectors, their provenance and the job's counters commit in ONE transaction as soon as the
+request answers (`_land`), in any order; a page's failure rows, skips and cursor commit when all of it
+is settled. So a process killed at any instant repeats only the requests that were on the wire.
 
 Pipelining: up to PIPELINE_PAGES pages have their requests queued on the pool (`--concurrency`
-requests in flight), while this thread, the only database writer, commits the oldest page as soon
-as its requests are done. Pages commit strictly in key order, so the cursor never moves past a row
-whose page has not committed. One more page is read and prepared ahead (recipe texts, tokens,
+requests in flight), while this thread, the only database writer, commits answers as they land and
+closes the oldest page once its requests are done. Pages close strictly in key order, so the cursor
+never moves past a row whose page is not settled: a resume reads those rows again, and the ones whose
+vectors landed no longer need one. One more page is read and prepared ahead (recipe texts, tokens,
 hashes) on a "prepare" thread, which also encodes answers as stored text: the Python work runs
 there while the writer's statements run with the GIL released (writer.py).
 
@@ -21,6 +23,7 @@ The one-model-per-column check before a job starts is compat.py.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import threading
 import time
@@ -352,33 +355,90 @@ class Runner(JobRun):
         return prepared.done() and all(f.done() for f in prepared.result())
 
     def _collect(self, result: PageResult, prepared: Future) -> PageResult:
-        """Wait for a page's requests and gather their outcomes."""
+        """Wait for a page's requests and gather the outcomes of those not landed already."""
         self._wait([prepared])
         futures = prepared.result()
         self._wait(futures)
         for fut in futures:
-            outcomes, used, requests, encoded, abandoned = fut.result()
-            encoded = encoded.result()
-            result.tokens += used
-            result.requests += requests
-            result.encoded.update(encoded)
-            result.abandoned.update(i.row_id for i in abandoned)
-            for item, vector, error in outcomes:
-                if vector is not None:
-                    result.vectors[item.row_id] = vector
-                    result.live += 1
-                else:
-                    result.failures[item.row_id] = error or "unknown error"
-            result.live_tokens += used
+            if fut not in result.landed_requests:
+                self._gather(result, fut)
         return result
+
+    @staticmethod
+    def _gather(result: PageResult, fut: Future) -> None:
+        outcomes, used, requests, encoded, abandoned = fut.result()
+        result.tokens += used
+        result.requests += requests
+        result.encoded.update(encoded.result())
+        result.abandoned.update(i.row_id for i in abandoned)
+        for item, vector, error in outcomes:
+            if vector is not None:
+                result.vectors[item.row_id] = vector
+                result.live += 1
+            else:
+                result.failures[item.row_id] = error or "unknown error"
+        result.live_tokens += used
+
+    def _land(self, spec: tables.Spec, result: PageResult, queued: Future) -> None:
+        """Commit the vectors of a page's requests that have answered, each as it lands, before the page
+        itself: a kill then repeats only the requests still on the wire. The selection (rows still needing a
+        vector) is the truth and the cursor a hint: it moves when the whole page is settled (`_commit_next`).
+        Not with --reembed-all, which selects rows whether or not they hold a vector. Failures, skips and
+        copies wait for the page's own commit, so a stop part-way records them once (partial.py)."""
+        if self.options.reembed_all or not queued.done():
+            return
+        for fut in queued.result():
+            if fut in result.landed_requests or not fut.done() or fut.cancelled() or fut.exception() is not None:
+                continue
+            part = PageResult()
+            self._gather(part, fut)
+            result.landed_requests.add(fut)
+            result.failures.update(part.failures)
+            result.abandoned |= part.abandoned
+            result.vectors.update(part.vectors)  # kept: copies of these texts take them when the page settles
+            result.encoded.update(part.encoded)
+            result.live += part.live
+            result.live_tokens += part.live_tokens
+            if not part.vectors:  # nothing to write: its tokens and failures commit with the page
+                result.tokens += part.tokens
+                result.requests += part.requests
+                continue
+            part.failures, part.abandoned = {}, set()
+            part.hashes = {rid: result.hashes[rid] for rid in part.vectors}
+            self.committer.commit([(spec, part)], selected=len(part.vectors))
+            result.landed.append(part)
+
+    def _await_head(self, spec: tables.Spec, inflight: deque) -> None:
+        """Wait until the oldest page's requests are done, committing every answer of every page in flight
+        as it lands; the lease is renewed while nothing lands."""
+        while True:
+            for _rows, result, queued in inflight:
+                self._land(spec, result, queued)
+            if self._page_done(inflight[0][2]):
+                return
+            pending = [f for _r, _res, q in inflight if q.done() for f in q.result() if not f.done()]
+            done, _ = wait(pending, timeout=15, return_when=FIRST_COMPLETED)
+            if not done:
+                self._heartbeat()
 
     # --- record progress ------------------------------------------------------------------
     def _commit(self, spec: tables.Spec, rows: list[sa.Row], result: PageResult, cursors: dict[str, int] | None,
                 retry: bool) -> None:
-        """The page's one transaction (commit.Committer), then this run's totals and the progress report."""
-        self.committer.commit([(spec, result)], selected=len(rows), cursors=cursors, retry=retry)
+        """The page's one transaction (commit.Committer), then this run's totals and the progress report.
+        Rows whose vectors landed already (`_land`) are left out of it and counted with the page."""
+        landed = {rid for part in result.landed for rid in part.vectors}
+        rest = result if not landed else dataclasses.replace(
+            result, vectors={k: v for k, v in result.vectors.items() if k not in landed},
+            encoded={k: v for k, v in result.encoded.items() if k not in landed})
+        self.committer.commit([(spec, rest)], selected=len(rows) - len(landed), cursors=cursors, retry=retry)
+        if landed:
+            result.written = [r for part in result.landed for r in part.written] + rest.written
+            result.changed = [r for part in result.landed for r in part.changed] + rest.changed
+            result.gone = [r for part in result.landed for r in part.gone] + rest.gone
+            result.tokens += sum(part.tokens for part in result.landed)
+            result.requests += sum(part.requests for part in result.landed)
         self._forget(result)
-        self.outcome.add_page(spec.name, result, selected=len(rows), retry=retry,
+        self.outcome.add_page(spec.name, result, selected=len(rows), retry=retry, pages=1 + len(result.landed),
                               cost_usd=self.committer.cost(result.tokens))
         self.progress.batch(self, spec.name, rows, result, None if retry else (cursors or {}).get(spec.name))
 
@@ -397,6 +457,8 @@ class Runner(JobRun):
                 inflight: deque[tuple[list[sa.Row], PageResult, Future]] = deque()
                 for rows, prepared in self._prepared_pages(prep, spec, cursors.get(spec.name, 0)):
                     inflight.append((rows, *self._submit(pool, spec, rows, prepared)))
+                    for _rows, result, queued in inflight:  # answers that landed meanwhile commit now
+                        self._land(spec, result, queued)
                     # commit every finished page at the head, and the oldest once the pipeline is full
                     while inflight and (len(inflight) >= PIPELINE_PAGES or self._page_done(inflight[0][2])):
                         self._commit_next(spec, inflight, cursors)
@@ -419,6 +481,7 @@ class Runner(JobRun):
 
     def _commit_next(self, spec: tables.Spec, inflight: deque, cursors: dict[str, int]) -> None:
         """Commit the oldest page in flight: its rows are the next ones in key order."""
+        self._await_head(spec, inflight)
         rows, result, prepared = inflight.popleft()
         self._collect(result, prepared)
         self._settle(result)
