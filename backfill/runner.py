@@ -31,7 +31,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from backfill import db, dedupe, jobs, partial, stale, stopping, tables, vectors
+from backfill import changes, db, dedupe, jobs, partial, stale, stopping, tables, vectors
 from backfill.packing import Item, pack_requests
 from backfill.providers.base import (
     BadInput,
@@ -120,6 +120,8 @@ def count_remaining(conn: Connection, spec: tables.Spec, dimensions: int, option
     if options.reembed_stale and not options.reembed_all:
         ref = stale.Reference(options.model, dimensions, options.recipe)
         return stale.remaining(conn, spec, ref, options.user_id, after)
+    if not options.reembed_all and changes.seeded(conn, spec):  # change queue (changes.py): no table scan
+        return changes.pending(conn, spec, options.user_id, dimensions, after)
     q = sa.select(sa.func.count()).select_from(spec.table).where(
         spec.key > after, needing(spec, conn.dialect.name, dimensions, options), *scope(spec, options.user_id))
     return int(conn.execute(q).scalar() or 0)
@@ -174,7 +176,12 @@ class Runner:
                             *scope(spec, self.options.user_id))
                      .order_by(spec.key)
                      .limit(size))
-            rows = db.retrying(self.engine, lambda conn: conn.execute(query).all(), write=False)
+
+            def read(conn: Connection, size: int = size, cursor: int = cursor, query: sa.Select = query) -> list[sa.Row]:
+                if not self.options.reembed_all and changes.seeded(conn, spec):  # change queue (changes.py)
+                    return changes.next_page(conn, spec, cursor, size, self.options.user_id, self.job.dimensions)
+                return list(conn.execute(query).all())
+            rows = db.retrying(self.engine, read, write=False)
             if not rows:
                 return
             self.queued += len(rows)
@@ -459,6 +466,7 @@ class Runner:
                 for mirror in self._mirrors(conn, spec):  # native columns kept in step, flag or not (vectors.py)
                     mirror.apply(conn, spec, fresh)
                 self._provenance(conn, spec, result, stamp, fresh)
+                changes.done(conn, spec, fresh, self.job.dimensions)  # change queue: written rows leave it
             jobs.upsert_failures(conn, self.job.id, [*problems, *jobs.notices(spec.name, changed, gone)])
             if retry:
                 jobs.resolve_failures(conn, self.job.id, spec.name, fresh)

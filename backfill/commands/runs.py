@@ -12,7 +12,7 @@ from sqlalchemy.engine import Engine
 
 from backfill import (
     adoption,
-    compat,
+    changes,
     db,
     jobs,
     locks,
@@ -189,6 +189,8 @@ def run(settings: Settings, req: RunRequest) -> int:
     require_tables(engine)
     with engine.connect() as conn:
         user_id = coverage.user_id_for(conn, req.user_email) if req.user_email else None
+    for spec in tables.specs_for(req.target):  # change queue: seeded once (or --full-scan), then settled
+        changes.refresh(engine, spec, _identity(req)[2], full_scan=bool(req.extra.get("full_scan")))
     _refuse_mixing(engine, req, user_id)  # before "nothing to do": another model in the column is refused
     if not req.adopt_existing and _nothing_to_do(engine, req, user_id):
         report.nothing("nothing to embed: every row in scope has its embedding (no job recorded)",
@@ -206,7 +208,7 @@ def run(settings: Settings, req: RunRequest) -> int:
         if job is None:
             if not (req.reembed_all or req.reembed_stale):
                 for spec in tables.specs_for(req.target):
-                    compat.ensure_compatible(conn, spec, provider, user_id)
+                    changes.ensure_compatible(conn, spec, provider, user_id)  # change queue: compat without a scan
             elif req.reembed_stale and not req.reembed_all:
                 for spec in tables.specs_for(req.target):
                     stale.refuse_mixing(conn, spec, provider.model, provider.dimensions, user_id)
@@ -281,8 +283,7 @@ def _refuse_mixing(engine: Engine, req: RunRequest, user_id: str | None) -> None
     columnless = _columnless(engine)  # no column yet: no vector in it to mix with
     with engine.connect() as conn:
         for spec in (s for s in tables.specs_for(req.target) if s.name not in columnless):
-            compat.ensure_compatible(conn, spec, SimpleNamespace(model=model, dimensions=dims),  # type: ignore[arg-type]
-                                     user_id)
+            changes.ensure_compatible(conn, spec, SimpleNamespace(model=model, dimensions=dims), user_id)  # queue
 
 
 def _nothing_to_do(engine: Engine, req: RunRequest, user_id: str | None) -> bool:
