@@ -113,12 +113,10 @@ def wanted_triggers(conn: Connection, spec: tables.Spec) -> dict[str, str]:
 
 def existing_triggers(conn: Connection) -> set[str]:
     if conn.dialect.name == "postgresql":
-        rows = conn.exec_driver_sql(
-            "SELECT tgname FROM pg_trigger WHERE NOT tgisinternal AND tgname LIKE 'backfill\\_%'").all()
+        q = "SELECT tgname FROM pg_trigger WHERE NOT tgisinternal AND tgname LIKE :p ESCAPE '!'"
     else:
-        rows = conn.exec_driver_sql(
-            "SELECT name FROM sqlite_master WHERE type = 'trigger' AND name LIKE 'backfill\\_%' ESCAPE '\\'").all()
-    return {r[0] for r in rows}
+        q = "SELECT name FROM sqlite_master WHERE type = 'trigger' AND name LIKE :p ESCAPE '!'"
+    return {r[0] for r in conn.execute(sa.text(q), {"p": "backfill!_%"})}
 
 
 def install(conn: Connection, specs: Iterable[tables.Spec] | None = None) -> list[str]:
@@ -196,10 +194,21 @@ def _prov_on(spec: tables.Spec) -> sa.ColumnElement[bool]:
     return sa.and_(prov.c.target == spec.name, prov.c.row_id == spec.key)
 
 
+def _insert(conn: Connection, table: sa.Table) -> Any:
+    """INSERT for this backend, with ON CONFLICT available (two runs seeding at once)."""
+    if conn.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+        return pg_insert(table)
+    from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+    return sqlite_insert(table)
+
+
 def _enqueue(conn: Connection, spec: tables.Spec, select: sa.Select) -> None:
     """INSERT the keys `select` yields, those not queued yet."""
     q = select.where(~sa.exists().where(_on(spec)))
-    conn.execute(queue.insert().from_select(["target", "row_id", "queued_at"], q))
+    conn.execute(_insert(conn, queue).from_select(["target", "row_id", "queued_at"], q).on_conflict_do_nothing())
 
 
 def seed(engine: Engine, spec: tables.Spec, dimensions: int | None = None) -> int:
@@ -241,8 +250,10 @@ def seed(engine: Engine, spec: tables.Spec, dimensions: int | None = None) -> in
         conn.execute(prov.delete().where(prov.c.target == spec.name,
                                          ~sa.exists().where(spec.key == prov.c.row_id)))
         dims = lengths.most_common(1)[0][0] if lengths else None
-        conn.execute(seeds.delete().where(seeds.c.target == spec.name))
-        conn.execute(seeds.insert().values(target=spec.name, seeded_at=_now(), dimensions=dims))
+        stamp = _now()
+        conn.execute(_insert(conn, seeds).values(target=spec.name, seeded_at=stamp, dimensions=dims)
+                     .on_conflict_do_update(index_elements=[seeds.c.target],
+                                            set_={"seeded_at": stamp, "dimensions": dims}))
     return queued
 
 
