@@ -495,6 +495,12 @@ def unqueued(conn: Connection, spec: tables.Spec) -> int:
     return int(conn.execute(q).scalar() or 0)
 
 
+def missed(engine: Engine, specs: Iterable[tables.Spec]) -> bool:
+    """`--full-scan`, before anything is written: does a scan find rows the queue does not hold?"""
+    with engine.connect() as conn:
+        return any(unqueued(conn, spec) for spec in specs)
+
+
 def deep_differences(conn: Connection) -> list[str]:
     out = []
     for spec in tables.SPECS.values():

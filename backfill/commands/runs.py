@@ -320,7 +320,8 @@ def _preflight(settings: Settings, req: RunRequest) -> None:
     with engine.connect() as conn:
         user_id = coverage.user_id_for(conn, req.user_email) if req.user_email else None
     _refuse_mixing(engine, req, user_id)
-    if not req.adopt_existing and not req.extra.get("full_scan") and _nothing_to_do(engine, req, user_id):
+    if not req.adopt_existing and _nothing_to_do(engine, req, user_id) and not (
+            req.extra.get("full_scan") and changes.missed(engine, tables.specs_for(req.target))):
         return  # nothing to embed: no key needed, and no provider built (the SDK and tokenizer take ~1.5 s)
     if req.provider == "openai" and not settings.openai_api_key:
         build_provider(settings, req)  # the missing-key refusal, before anything is written
