@@ -184,14 +184,16 @@ def migrate(
 
 
 @app.command(cls=FlagCommand)
-def verify(database_url: DatabaseUrl = None, log_format: LogFormat = Format.auto) -> None:
+def verify(database_url: DatabaseUrl = None, log_format: LogFormat = Format.auto,
+           deep: Annotated[bool, flag("--deep", help="Also read every row: rows that need a vector but are "
+                                      "not in the change queue are drift.")] = False) -> None:
     """Compare the live schema with the migrations; print the drift and exit 1 on any.
 
     Example: backfill verify --database-url ./memory.db
     """
     from backfill import commands
 
-    _execute(log_format, lambda: load_settings(database_url), commands.verify)
+    _execute(log_format, lambda: load_settings(database_url), lambda s: commands.verify(s, deep=deep))
 
 
 @app.command(cls=FlagCommand)
@@ -200,6 +202,8 @@ def stats(
     user_email: UserEmail = None,
     as_json: JsonFlag = False,
     log_format: LogFormat = Format.auto,
+    deep: Annotated[bool, flag("--deep", help="Read and re-validate every row (and re-hash every embedded "
+                               "text) instead of reading the change queue.")] = False,
 ) -> None:
     """Coverage of memories and entities: totals, with embedding, missing, malformed, health.
 
@@ -210,7 +214,7 @@ def stats(
     _execute(
         "json" if as_json else log_format,
         lambda: load_settings(database_url),
-        lambda s: commands.stats(s, user_email=user_email),
+        lambda s: commands.stats(s, user_email=user_email, deep=deep),
     )
 
 
@@ -276,6 +280,8 @@ MaxCost = Annotated[float | None, typer.Option(
 PricePerMtok = Annotated[float | None, typer.Option(
     "--price-per-mtok", rich_help_panel=PACING,
     help="USD per 1M tokens, overriding the model's price table (e.g. a negotiated rate).")]
+FullScan = Annotated[bool, flag("--full-scan", help="Read the whole table for rows that need a vector "
+                                "(re-seeding the change queue) instead of trusting the queue.")]
 DryRun = Annotated[bool, flag("--dry-run", help="Only plan: the same as `backfill plan` with these options "
                               "(nothing is migrated, written or sent).")]
 JobArg = Annotated[int | None, typer.Argument(help="Job id [default: the latest matching job].", show_default=False)]
@@ -304,7 +310,7 @@ def _job_command(action: str, doc: str) -> Callable[..., None]:
         log_format: LogFormat = Format.auto, mode: Mode = "sync", batch_file_lines: BatchFileLines = 50_000,
         poll_interval: PollInterval = 60.0, reembed_stale: ReembedStale = False, adopt_existing: AdoptExisting = False,
         max_failed_ratio: MaxFailedRatio = None, vector_column: VectorColumn = None, max_cost: MaxCost = None,
-        price_per_mtok: PricePerMtok = None, dry_run: DryRun = False,
+        price_per_mtok: PricePerMtok = None, dry_run: DryRun = False, full_scan: FullScan = False,
     ) -> None:
         from backfill import commands
 
@@ -313,7 +319,7 @@ def _job_command(action: str, doc: str) -> Callable[..., None]:
         req.reembed_stale, req.adopt_existing = reembed_stale, adopt_existing
         req.max_failed_ratio, req.vector_column = max_failed_ratio, vector_column
         req.max_cost, req.price_per_mtok = max_cost, price_per_mtok
-        req.extra.update(mode=mode, file_lines=batch_file_lines, poll_interval=poll_interval)
+        req.extra.update(mode=mode, file_lines=batch_file_lines, poll_interval=poll_interval, full_scan=full_scan)
         name = "plan" if dry_run else action  # --dry-run: the same options, planned
         _execute(log_format, lambda: load_settings(database_url, openai_base_url=base_url),
                  lambda s: getattr(commands, name)(s, req))

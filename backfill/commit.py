@@ -19,7 +19,7 @@ from typing import Any
 
 from sqlalchemy.engine import Connection, Engine
 
-from backfill import db, jobs, tables, vectors
+from backfill import changes, db, jobs, tables, vectors
 from backfill.page import PageResult, RunOptions
 from backfill.writer import current, encode_vector, record_provenance, write_vectors
 
@@ -89,6 +89,7 @@ class Committer:
                          "recipe_version": self.options.recipe, "content_hash": hashes[rid], "job_id": self.job_id,
                          "embedded_at": stamp}
                         for rid in fresh])
+                    changes.done(conn, spec, fresh, self.dimensions)  # written rows leave the change queue
                 jobs.upsert_failures(conn, self.job_id, [*problems, *jobs.notices(spec.name, changed, gone)])
                 if retry:
                     jobs.resolve_failures(conn, self.job_id, spec.name, fresh)

@@ -9,7 +9,7 @@ from typing import Any
 
 from sqlalchemy.engine import Engine
 
-from backfill import compat, jobs, locks, stale, tables, vectors
+from backfill import changes, jobs, locks, stale, tables, vectors
 from backfill.errors import ConfigError
 from backfill.page import RunOptions
 
@@ -38,7 +38,7 @@ def find_or_create(engine: Engine, options: RunOptions, provider: Any, *, user_e
         if job is None:
             if not (options.reembed_all or options.reembed_stale):
                 for spec in specs:
-                    compat.ensure_compatible(conn, spec, provider, options.user_id)
+                    changes.ensure_compatible(conn, spec, provider, options.user_id)
             elif options.reembed_stale and not options.reembed_all:
                 for spec in specs:
                     stale.refuse_mixing(conn, spec, provider.model, provider.dimensions, options.user_id)

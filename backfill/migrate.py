@@ -28,7 +28,7 @@ from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Connection, Engine
 
-from backfill import adoption, baseline, fts
+from backfill import adoption, baseline, changes, fts
 from backfill.errors import EmptyDatabase, SchemaDrift
 from backfill.schema import OWN_TABLE_NAMES, metadata
 
@@ -241,6 +241,7 @@ def migrate(engine: Engine, *, create: bool = False) -> MigrateResult:
         if current == head:
             repaired = _repair_own_objects(conn)
             repaired += _repair_fts_triggers(conn) if conn.dialect.name == "sqlite" else []
+            repaired += changes.install(conn)  # change queue: put back a missing trigger (changes.py)
             return MigrateResult("repaired" if repaired else "at-head", current, head, notes=repaired)
         action = "upgraded"
         if current is None:
@@ -264,8 +265,9 @@ class VerifyResult:
         return not self.differences
 
 
-def verify(engine: Engine) -> VerifyResult:
-    """What the tool owns and needs; objects the server adds (tables, columns, indexes) are not drift."""
+def verify(engine: Engine, *, deep: bool = False) -> VerifyResult:
+    """What the tool owns and needs; objects the server adds (tables, columns, indexes) are not drift.
+    `deep`: also scan for rows that need a vector but are not in the change queue (changes.py)."""
     head = head_revision()
     with engine.connect() as conn:
         current = current_revision(conn)
@@ -276,5 +278,7 @@ def verify(engine: Engine) -> VerifyResult:
         if current is not None:
             diffs += _own_table_differences(conn)
         diffs += fts_differences(conn, at_head=current == head)
+        if current == head:  # change queue: missing triggers; with --deep, rows it missed (changes.py)
+            diffs += changes.trigger_differences(conn) + (changes.deep_differences(conn) if deep else [])
         conn.rollback()
     return VerifyResult(current, head, list(dict.fromkeys(diffs)))

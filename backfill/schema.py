@@ -220,7 +220,7 @@ sa.Index("ix_backfill_embeddings_model", backfill_embeddings.c.target, backfill_
 sa.Index("ix_backfill_embeddings_hash", backfill_embeddings.c.target, backfill_embeddings.c.content_hash)  # 0004
 
 OWN_TABLE_NAMES = frozenset({"backfill_jobs", "backfill_failures", "backfill_embeddings", "backfill_batches",
-                             "backfill_batch_chunks"})
+                             "backfill_batch_chunks", "backfill_changes", "backfill_change_seeds"})
 
 # ---------------------------------------------------------------------------------------------
 # Batch API mode (revision 0003): one row per JSONL file / remote batch, one per request line.
@@ -266,3 +266,23 @@ backfill_batch_chunks = sa.Table(
     sqlite_autoincrement=True,
 )
 sa.Index("ix_backfill_batch_chunks_batch_state", backfill_batch_chunks.c.batch_id, backfill_batch_chunks.c.state)
+
+# ---------------------------------------------------------------------------------------------
+# The change queue (revision 0008, changes.py): rows the tool's triggers saw inserted, edited in a recipe
+# column or in `embedding`, or deleted; and, per table, when a scan last seeded the queue.
+
+backfill_changes = sa.Table(
+    "backfill_changes",
+    metadata,
+    sa.Column("target", Text, primary_key=True),
+    sa.Column("row_id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True),
+    sa.Column("queued_at", Text),
+)
+
+backfill_change_seeds = sa.Table(
+    "backfill_change_seeds",
+    metadata,
+    sa.Column("target", Text, primary_key=True),
+    sa.Column("seeded_at", Text, nullable=False),
+    sa.Column("dimensions", Integer),  # the column's most common vector length as last seen (compat check)
+)

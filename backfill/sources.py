@@ -20,7 +20,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from backfill import stale, tables
+from backfill import changes, stale, tables
 from backfill.page import RunOptions
 from backfill.schema import backfill_failures as failures_t
 
@@ -36,13 +36,22 @@ def needing(spec: tables.Spec, dialect: str, dimensions: int, options: RunOption
 
 def missing_rows(conn: Connection, spec: tables.Spec, after: int, size: int, *, dimensions: int,
                  options: RunOptions) -> list[Any]:
-    """Rows in scope that need a vector (every row with --reembed-all)."""
+    """Rows in scope that need a vector (every row with --reembed-all): read from the change queue once the
+    table is seeded (`queued_rows`), else from the table."""
+    if not options.reembed_all and changes.seeded(conn, spec):
+        return queued_rows(conn, spec, after, size, dimensions=dimensions, user_id=options.user_id)
     query = (sa.select(*tables.select_columns(spec))
              .where(spec.key > after, needing(spec, conn.dialect.name, dimensions, options),
                     *tables.scope(spec, options.user_id))
              .order_by(spec.key)
              .limit(size))
     return list(conn.execute(query).all())
+
+
+def queued_rows(conn: Connection, spec: tables.Spec, after: int, size: int, *, dimensions: int,
+                user_id: str | None) -> list[Any]:
+    """Rows the change queue holds that need a vector (changes.py): no table scan."""
+    return changes.next_page(conn, spec, after, size, user_id, dimensions)
 
 
 def stale_rows(conn: Connection, spec: tables.Spec, after: int, size: int, *, reference: stale.Reference,
@@ -91,6 +100,8 @@ def remaining(conn: Connection, spec: tables.Spec, dimensions: int, options: Run
     if options.reembed_stale and not options.reembed_all:
         ref = stale.Reference(options.model, dimensions, options.recipe)
         return stale.remaining(conn, spec, ref, options.user_id, after)
+    if not options.reembed_all and changes.seeded(conn, spec):
+        return changes.pending(conn, spec, options.user_id, dimensions, after)
     q = sa.select(sa.func.count()).select_from(spec.table).where(
         spec.key > after, needing(spec, conn.dialect.name, dimensions, options), *tables.scope(spec, options.user_id))
     return int(conn.execute(q).scalar() or 0)

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from backfill import stale
+from backfill import changes, stale
 from backfill.errors import ConfigError
 from backfill.schema import users
 from backfill.tables import SPECS, Spec, missing, valid_vector
@@ -94,8 +94,12 @@ def _has_embedding_column(conn: Connection, spec: Spec) -> bool:
     return any(c["name"] == spec.embedding.name for c in sa.inspect(conn).get_columns(spec.name))
 
 
-def table_stats(conn: Connection, spec: Spec, user_id: str | None = None, with_stale: bool = True) -> TableStats:
+def table_stats(conn: Connection, spec: Spec, user_id: str | None = None, with_stale: bool = True,
+                deep: bool = False) -> TableStats:
+    """From the change queue once it is seeded (changes.summary); `deep` reads every row instead."""
     dialect = conn.dialect.name
+    if not deep and changes.seeded(conn, spec):
+        return _from_queue(conn, spec, user_id, with_stale)
     if not _has_embedding_column(conn, spec):  # the server's startup alone: revision 0006 adds the column
         q = sa.select(sa.func.count()).select_from(spec.table)
         total = int(conn.execute(q.where(*([spec.user_id == user_id] if user_id is not None else []))).scalar_one())
@@ -111,17 +115,29 @@ def table_stats(conn: Connection, spec: Spec, user_id: str | None = None, with_s
     ).select_from(spec.table)
     if user_id is not None:
         q = q.where(spec.user_id == user_id)
-    total, good, miss, keyless = conn.execute(q).one()
-    total, good, miss = int(total), int(good), int(miss)
+    counted = conn.execute(q).one()
+    total, good, miss, keyless = (int(v) for v in counted)
     coverage = round(100.0 * good / total, 2) if total else 100.0
-    found = stale.count(conn, spec, stale.reference_for(conn, spec.name), user_id) if with_stale else stale.StaleCounts()
+    found = (stale.count(conn, spec, stale.reference_for(conn, spec.name), user_id) if with_stale
+             else stale.StaleCounts())
     if not stale.has_provenance(conn):  # never migrated: every vector there is of unknown origin
         found.unknown = good
     return TableStats(spec.name, total, good, miss, total - good - miss, coverage, found.total, found.unknown,
                       found.stale, unaddressable=int(keyless))
 
 
-def collect(conn: Connection, user_email: str | None = None, *, with_stale: bool = True) -> Stats:
-    """with_stale=False skips the stale scan (it hashes every embedded row's text in Python)."""
+def _from_queue(conn: Connection, spec: Spec, user_id: str | None, with_stale: bool) -> TableStats:
+    s = changes.summary(conn, spec, user_id, stale.reference_for(conn, spec.name), with_stale=with_stale)
+    good = s.with_embedding
+    coverage = round(100.0 * good / s.total, 2) if s.total else 100.0
+    stale_reasons = s.stale if with_stale else dict.fromkeys(stale.REASONS, 0)
+    return TableStats(spec.name, s.total, good, s.missing, s.malformed, coverage, sum(stale_reasons.values()),
+                      s.unknown if with_stale else 0, stale_reasons, unaddressable=s.unaddressable)
+
+
+def collect(conn: Connection, user_email: str | None = None, *, with_stale: bool = True,
+            deep: bool = False) -> Stats:
+    """with_stale=False skips the stale scan (it hashes every embedded row's text in Python).
+    Once the change queue is seeded the figures come from it; `deep` reads and re-validates every row."""
     user_id = user_id_for(conn, user_email) if user_email else None
-    return Stats(user_email, [table_stats(conn, spec, user_id, with_stale) for spec in SPECS.values()])
+    return Stats(user_email, [table_stats(conn, spec, user_id, with_stale, deep) for spec in SPECS.values()])

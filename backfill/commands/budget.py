@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from backfill import compat, jobs, report, tables
+from backfill import changes, jobs, report, tables
 from backfill import plan as planning
 from backfill import stats as coverage
 from backfill.commands.database import open_database
@@ -55,12 +55,12 @@ def refuse_over_budget(engine: Engine, req: RunRequest, provider: Provider, opti
 
 
 def _refuse_like_run(engine: Engine, req: RunRequest, model: str, dims: int, user_id: str | None) -> None:
-    """`run` refuses to mix models or dimensions in one column (compat.ensure_compatible): say so now."""
+    """`run` refuses to mix models or dimensions in one column (changes.ensure_compatible): say so now."""
     wanted = SimpleNamespace(model=model, dimensions=dims)
     with engine.connect() as conn:
         for spec in tables.specs_for(req.target):
             try:
-                compat.ensure_compatible(conn, spec, wanted, user_id)
+                changes.ensure_compatible(conn, spec, wanted, user_id)
             except ConfigError as exc:
                 raise ConfigError(f"`run` with these options would refuse to start: {exc.message}") from None
 

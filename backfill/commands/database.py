@@ -71,9 +71,9 @@ def migrate(settings: Settings, *, create: bool = False) -> int:
     return 0
 
 
-def verify(settings: Settings) -> int:
+def verify(settings: Settings, *, deep: bool = False) -> int:
     _target, engine = open_database(settings, data_tables=False)  # an empty database is drift to report
-    result = migrations.verify(engine)
+    result = migrations.verify(engine, deep=deep)  # deep: rows the change queue missed (changes.py)
     report.event("verify", ok=result.ok, revision=result.revision, head=result.head, differences=result.differences)
     if result.ok:
         report.say(f"schema OK at {result.revision}")
@@ -81,10 +81,10 @@ def verify(settings: Settings) -> int:
     raise SchemaDrift(f"schema drift: {len(result.differences)} difference(s)", details=result.differences)
 
 
-def stats(settings: Settings, *, user_email: str | None = None) -> int:
+def stats(settings: Settings, *, user_email: str | None = None, deep: bool = False) -> int:
     _target, engine = open_database(settings)
     with engine.connect() as conn:
-        result = coverage.collect(conn, user_email)
+        result = coverage.collect(conn, user_email, deep=deep)  # deep: scan the table, not the change queue
     data = result.as_dict()
     if report.is_json():
         report.record("stats", data)

@@ -12,7 +12,7 @@ from sqlalchemy.engine import Engine
 
 from backfill import (
     adoption,
-    compat,
+    changes,
     db,
     jobs,
     launch,
@@ -190,6 +190,8 @@ def run(settings: Settings, req: RunRequest) -> int:
     require_tables(engine)
     with engine.connect() as conn:
         user_id = coverage.user_id_for(conn, req.user_email) if req.user_email else None
+    for spec in tables.specs_for(req.target):  # change queue: seeded once (or --full-scan), then settled
+        changes.refresh(engine, spec, _identity(req)[2], full_scan=bool(req.extra.get("full_scan")))
     _refuse_mixing(engine, req, user_id)  # before "nothing to do": another model in the column is refused
     if not req.adopt_existing and _nothing_to_do(engine, req, user_id):
         report.nothing("nothing to embed: every row in scope has its embedding (no job recorded)",
@@ -250,7 +252,7 @@ def _columnless(engine: Engine) -> set[str]:
 
 
 def _refuse_mixing(engine: Engine, req: RunRequest, user_id: str | None) -> None:
-    """One model per column (compat.ensure_compatible), asked without a key; `run` asks again under
+    """One model per column (changes.ensure_compatible), asked without a key; `run` asks again under
     the job lock."""
     if req.reembed_all or req.reembed_stale or _open_job(engine, req, user_id) is not None:
         return
@@ -258,7 +260,7 @@ def _refuse_mixing(engine: Engine, req: RunRequest, user_id: str | None) -> None
     columnless = _columnless(engine)  # no column yet: no vector in it to mix with
     with engine.connect() as conn:
         for spec in (s for s in tables.specs_for(req.target) if s.name not in columnless):
-            compat.ensure_compatible(conn, spec, SimpleNamespace(model=model, dimensions=dims), user_id)
+            changes.ensure_compatible(conn, spec, SimpleNamespace(model=model, dimensions=dims), user_id)
 
 
 def _nothing_to_do(engine: Engine, req: RunRequest, user_id: str | None) -> bool:
@@ -295,10 +297,11 @@ def _preflight(settings: Settings, req: RunRequest) -> None:
     with engine.connect() as conn:
         user_id = coverage.user_id_for(conn, req.user_email) if req.user_email else None
     _refuse_mixing(engine, req, user_id)
+    if not req.adopt_existing and _nothing_to_do(engine, req, user_id) and not (
+            req.extra.get("full_scan") and changes.missed(engine, tables.specs_for(req.target))):
+        return  # nothing to embed: no key needed, and no provider built (the SDK and tokenizer take ~1.5 s)
     if req.provider == "openai" and not settings.openai_api_key:
-        if req.adopt_existing or not _nothing_to_do(engine, req, user_id):
-            build_provider(settings, req)  # the missing-key refusal, before anything is written
-        return  # nothing to embed: no key needed
+        build_provider(settings, req)  # the missing-key refusal, before anything is written
     req.extra["provider"] = req.extra.get("provider") or build_provider(settings, req)
 
 
