@@ -28,7 +28,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from backfill import tables
+from backfill import db, stale, tables
 from backfill.schema import backfill_change_seeds as seeds
 from backfill.schema import backfill_changes as queue
 from backfill.schema import backfill_embeddings as prov
@@ -215,7 +215,6 @@ def seed(engine: Engine, spec: tables.Spec, dimensions: int | None = None) -> in
     """Queue every row that needs a vector (`dimensions`: of another length too) or whose text changed since its
     vector was made; then mark the table seeded. Keyset pages, one transaction each; the triggers are on
     meanwhile, so a row the server changes during the scan is queued either way. Returns the rows queued."""
-    from backfill import stale
 
     dialect = engine.dialect.name
     needs = tables.needs_embedding(spec, dialect, dimensions)
@@ -223,29 +222,39 @@ def seed(engine: Engine, spec: tables.Spec, dimensions: int | None = None) -> in
     valid = sa.and_(sa.not_(tables.missing(spec.embedding)), tables.valid_vector(spec.embedding, dialect))
     lengths: collections.Counter[int] = collections.Counter()
     queued, after = 0, 0
+
+    def page(conn: Connection) -> tuple[int | None, int, collections.Counter[int]]:
+        """One keyset page, one transaction (retried whole by db.retrying): (its last key, rows queued, lengths)."""
+        found: collections.Counter[int] = collections.Counter()
+        keys = sa.select(spec.key.label("k")).where(spec.key > after).order_by(spec.key).limit(SEED_PAGE).subquery()
+        upper = conn.execute(sa.select(sa.func.max(keys.c.k))).scalar()
+        if upper is None:
+            return None, 0, found
+        bounds = (spec.key > after, spec.key <= upper)
+        before = _count(conn, spec)
+        _enqueue(conn, spec, sa.select(sa.literal(spec.name), spec.key, sa.literal(_now())).where(*bounds, needs))
+        for n, c in conn.execute(sa.select(length, sa.func.count()).where(*bounds, valid).group_by(length)):
+            if n is not None:
+                found[int(n)] += int(c)
+        # a vector whose row's text changed since it was embedded: hashed in Python (stale.py)
+        text_stale = [int(r[0]) for rows in stale.scan(conn, spec, after=after, dimensions=dimensions,
+                                                       where=(spec.key <= upper, prov.c.row_id.is_not(None)))
+                      for r in rows if not r._mapping["_needs"]
+                      and stale.reason(spec, r, stale.Reference(None, None, None)) == "text"]
+        if text_stale:
+            _enqueue(conn, spec, sa.select(sa.literal(spec.name), spec.key, sa.literal(_now()))
+                     .where(spec.key.in_(text_stale)))
+        return int(upper), _count(conn, spec) - before, found
+
     while True:
-        with engine.begin() as conn:
-            keys = sa.select(spec.key.label("k")).where(spec.key > after).order_by(spec.key).limit(SEED_PAGE).subquery()
-            upper = conn.execute(sa.select(sa.func.max(keys.c.k))).scalar()
-            if upper is None:
-                break
-            page = (spec.key > after, spec.key <= upper)
-            before = _count(conn, spec)
-            _enqueue(conn, spec, sa.select(sa.literal(spec.name), spec.key, sa.literal(_now())).where(*page, needs))
-            for n, c in conn.execute(sa.select(length, sa.func.count()).where(*page, valid).group_by(length)):
-                if n is not None:
-                    lengths[int(n)] += int(c)
-            # a vector whose row's text changed since it was embedded: hashed in Python (stale.py)
-            text_stale = [int(r[0]) for rows in stale.scan(conn, spec, after=after, dimensions=dimensions,
-                                                           where=(spec.key <= upper, prov.c.row_id.is_not(None)))
-                          for r in rows if not r._mapping["_needs"]
-                          and stale.reason(spec, r, stale.Reference(None, None, None)) == "text"]
-            if text_stale:
-                _enqueue(conn, spec, sa.select(sa.literal(spec.name), spec.key, sa.literal(_now()))
-                         .where(spec.key.in_(text_stale)))
-            queued += _count(conn, spec) - before
-            after = int(upper)
-    with engine.begin() as conn:
+        upper, added, found = db.retrying(engine, page)
+        if upper is None:
+            break
+        queued += added
+        lengths.update(found)
+        after = upper
+
+    def mark(conn: Connection) -> None:
         # provenance of rows deleted before the queue existed: stats count provenance rows as vectors
         conn.execute(prov.delete().where(prov.c.target == spec.name,
                                          ~sa.exists().where(spec.key == prov.c.row_id)))
@@ -254,6 +263,7 @@ def seed(engine: Engine, spec: tables.Spec, dimensions: int | None = None) -> in
         conn.execute(_insert(conn, seeds).values(target=spec.name, seeded_at=stamp, dimensions=dims)
                      .on_conflict_do_update(index_elements=[seeds.c.target],
                                             set_={"seeded_at": stamp, "dimensions": dims}))
+    db.retrying(engine, mark)
     return queued
 
 
@@ -280,7 +290,6 @@ def _queued_rows(spec: tables.Spec, dialect: str, dimensions: int | None, after:
 
 
 def _text_changed(spec: tables.Spec, row: Any) -> bool:
-    from backfill import stale
 
     return row._mapping["_p_model"] is not None and \
         stale.reason(spec, row, stale.Reference(None, None, None)) == "text"
@@ -290,7 +299,6 @@ def settle(engine: Engine, spec: tables.Spec, dimensions: int | None) -> int:
     """Take off the queue the rows that need nothing (a valid vector of `dimensions`, text unchanged since it
     was embedded) and the rows that are gone (with their provenance). Read and delete in one write transaction,
     so a change the server commits meanwhile is queued again after it. Returns the rows taken off."""
-    from backfill import db
 
     removed, after = 0, 0
     while True:
@@ -419,7 +427,6 @@ class Summary:
 def summary(conn: Connection, spec: tables.Spec, user_id: str | None, ref: Any, *, with_stale: bool) -> Summary:
     """`stats` without reading the table: every row off the queue holds a valid vector, so only queued rows
     are looked at; provenance is counted by its own index, minus queued rows whose vector is not valid."""
-    from backfill import stale
 
     dialect = conn.dialect.name
     scoped = tables.scope(spec, user_id)
