@@ -110,7 +110,8 @@ class Committer:
                                                                         list[dict[str, Any]]]:
         encoded = {rid: result.encoded.get(rid) or encode_vector(vec) for rid, vec in result.vectors.items()}
         hashes = {rid: result.hashes[rid] for rid in encoded}
-        still_needs = None if (self.options.reembed_all or self.options.reembed_stale) else \
+        # --follow also re-embeds rows whose text changed under their vector: the content hash alone decides
+        still_needs = None if (self.options.reembed_all or self.options.reembed_stale or self.options.follow) else \
             tables.needs_embedding(spec, self.engine.dialect.name, self.dimensions)
         problems = [
             *({"target": spec.name, "row_id": rid, "kind": "failed", "error": err[:1000]}
