@@ -37,6 +37,7 @@ from backfill.schema import backfill_failures as failures
 SEED_PAGE = 5_000  # rows per seeding transaction
 SETTLE_PAGE = 1_000  # queued rows read per triage transaction
 DONE_PER_STATEMENT = 500  # ids in one dequeue statement
+FOLLOW_READ = 100  # queued candidates read at least per statement by follow_page
 PG_FUNCTION = "backfill_queue_change"
 
 
@@ -384,6 +385,7 @@ def follow_page(conn: Connection, spec: tables.Spec, after: int, size: int, user
                                  failures.c.row_id == queue.c.row_id, failures.c.resolved == sa.false(),
                                  failures.c.kind.in_(("failed", "skipped")))
     page: list[sa.Row] = []
+    read = max(size, FOLLOW_READ)  # candidates per statement: some are filtered out below
     while len(page) < size:
         q = (sa.select(*tables.select_columns(spec), sa.case((needs, 1), else_=0).label("_needs"),
                        prov.c.model.label("_p_model"), prov.c.dimensions.label("_p_dims"),
@@ -392,10 +394,10 @@ def follow_page(conn: Connection, spec: tables.Spec, after: int, size: int, user
                           .outerjoin(prov, sa.and_(prov.c.target == spec.name, prov.c.row_id == queue.c.row_id)))
              .where(queue.c.target == spec.name, queue.c.row_id > after, *tables.scope(spec, user_id), ~recorded,
                     sa.or_(needs, prov.c.row_id.is_not(None)))
-             .order_by(queue.c.row_id).limit(size))
+             .order_by(queue.c.row_id).limit(read))
         rows = conn.execute(q).all()
         page += [r for r in rows if r._mapping["_needs"] or _text_changed(spec, r)][:size - len(page)]
-        if len(rows) < size:
+        if len(rows) < read:
             return page
         after = int(rows[-1][0])
     return page
