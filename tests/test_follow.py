@@ -27,9 +27,10 @@ STAMP = "2026-12-03T10:00:00.000Z"
 class Follower:
     """`backfill up --follow` in a subprocess; its JSON lines are read on a thread as they come."""
 
-    def __init__(self, env: dict, *args: str) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "backfill", *FOLLOW, *args], cwd=ROOT, text=True,
-                                     env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    def __init__(self, env: dict, *args: str, command: str = "up") -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "backfill", command, *FOLLOW[1:], *args], cwd=ROOT,
+                                     text=True, env={**os.environ, **env}, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE)
         self.events: queue.Queue[dict] = queue.Queue()
         self.lines: list[str] = []
         threading.Thread(target=self._read, daemon=True).start()
@@ -220,3 +221,50 @@ def test_follow_refuses_what_it_cannot_combine_with(tmp_path, cli):
             assert result.code == 2, result.output
             assert f"--follow does not take {named}" in result.stderr and len(result.stderr.splitlines()) == 1
     assert path.read_bytes() == before
+
+
+def test_a_stop_that_leaves_rows_exits_130_and_resume_finishes(tmp_path, cli):
+    """SIGTERM while the backlog is being embedded: what landed commits, the job is interrupted (exit 130)."""
+    from conftest import make_backend
+
+    be = make_backend("sqlite", tmp_path)
+    engine = be.engine()
+    build(engine, memories=300, entities=0)
+    with FakeOpenAI(latency_ms=300) as server:
+        env = env_for(server, be.url)
+        follower = Follower(env, "-b", "10", "--concurrency", "1")
+        try:
+            follower.wait_for("batch_committed")
+        finally:
+            code = follower.stop(signal.SIGTERM)
+        assert code == 130, follower.output()
+        job = _job(engine)
+        with engine.connect() as conn:
+            written = conn.exec_driver_sql("SELECT count(*) FROM backfill_embeddings").scalar()
+        assert job["status"] == "interrupted" and job["worker_id"] is None and 0 < job["embedded"] == written
+        assert needing(engine)
+        server.configure(latency_ms=0)
+        assert cli("resume", env=env).code == 0
+    assert needing(engine) == {(t, i) for t, i, _a in _failures(engine, "skipped")}
+
+
+def test_run_follow_stops_when_the_job_is_cancelled(tmp_path, cli):
+    from conftest import make_backend
+
+    be = make_backend("libsql", tmp_path)
+    engine = be.engine()
+    build(engine, memories=20, entities=5)
+    assert cli("migrate", "--database-url", be.url).code == 0
+    with FakeOpenAI() as server:
+        env = env_for(server, be.url)
+        follower = Follower(env, command="run")
+        try:
+            follower.wait_for("follow_waiting")
+            assert cli("cancel", str(_job(engine)["id"]), env=env).code == 0
+            code = follower.proc.wait(timeout=60)
+        finally:
+            if follower.proc.poll() is None:
+                follower.proc.kill()
+    assert code == 0, follower.output()
+    job = _job(engine)
+    assert job["status"] == "cancelled" and job["worker_id"] is None
