@@ -11,7 +11,8 @@ it was embedded) is queued, and `backfill_change_seeds` marks the table seeded. 
   `done` for the rows it wrote, in its own transaction, after the write (which queued them again);
 - `settle`, before a run, takes off the queue the rows that turned out fine (the server wrote a vector) or
   were deleted (and their provenance); a row whose text changed under a valid vector stays: it is stale;
-- `summary` gives `stats` its figures from the queue, a count and the provenance index.
+- `summary` gives `stats` its figures from the queue, a count and the provenance index;
+- `follow_page` and `size` are what `up --follow` (follow.py) reads between and during its passes.
 
 Rows written behind the triggers' back (triggers dropped, a bulk load with triggers off) are not seen until
 `--full-scan`, `stats --deep` or `verify --deep` reads the table again; `verify` reports a missing trigger and
