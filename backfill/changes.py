@@ -11,7 +11,8 @@ it was embedded) is queued, and `backfill_change_seeds` marks the table seeded. 
   `done` for the rows it wrote, in its own transaction, after the write (which queued them again);
 - `settle`, before a run, takes off the queue the rows that turned out fine (the server wrote a vector) or
   were deleted (and their provenance); a row whose text changed under a valid vector stays: it is stale;
-- `summary` gives `stats` its figures from the queue, a count and the provenance index.
+- `summary` gives `stats` its figures from the queue, a count and the provenance index;
+- `follow_page` and `size` are what `up --follow` (follow.py) reads between and during its passes.
 
 Rows written behind the triggers' back (triggers dropped, a bulk load with triggers off) are not seen until
 `--full-scan`, `stats --deep` or `verify --deep` reads the table again; `verify` reports a missing trigger and
@@ -32,10 +33,12 @@ from backfill import db, stale, tables
 from backfill.schema import backfill_change_seeds as seeds
 from backfill.schema import backfill_changes as queue
 from backfill.schema import backfill_embeddings as prov
+from backfill.schema import backfill_failures as failures
 
 SEED_PAGE = 5_000  # rows per seeding transaction
 SETTLE_PAGE = 1_000  # queued rows read per triage transaction
 DONE_PER_STATEMENT = 500  # ids in one dequeue statement
+FOLLOW_READ = 100  # queued candidates read at least per statement by follow_page
 PG_FUNCTION = "backfill_queue_change"
 
 
@@ -379,6 +382,41 @@ def pending(conn: Connection, spec: tables.Spec, user_id: str | None, dimensions
     q = (sa.select(sa.func.count()).select_from(queue.join(spec.table, queue.c.row_id == spec.key))
          .where(*_waiting(spec, conn.dialect.name, dimensions, user_id, after)))
     return int(conn.execute(q).scalar() or 0)
+
+
+def follow_page(conn: Connection, spec: tables.Spec, after: int, size: int, user_id: str | None,
+                dimensions: int | None, job_id: int) -> list[sa.Row]:
+    """`--follow`: queued rows after key `after` that need a vector, or whose text changed since this tool
+    embedded it (the server's edit kept the old vector), leaving out rows the job recorded as failed or
+    skipped (a follower does not re-send them every pass; `retry-failed` does). Queued rows only: O(queue)."""
+    needs = tables.needs_embedding(spec, conn.dialect.name, dimensions)
+    recorded = sa.exists().where(failures.c.job_id == job_id, failures.c.target == spec.name,
+                                 failures.c.row_id == queue.c.row_id, failures.c.resolved == sa.false(),
+                                 failures.c.kind.in_(("failed", "skipped")))
+    page: list[sa.Row] = []
+    read = max(size, FOLLOW_READ)  # candidates per statement: some are filtered out below
+    while len(page) < size:
+        q = (sa.select(*tables.select_columns(spec), sa.case((needs, 1), else_=0).label("_needs"),
+                       prov.c.model.label("_p_model"), prov.c.dimensions.label("_p_dims"),
+                       prov.c.recipe_version.label("_p_recipe"), prov.c.content_hash.label("_p_hash"))
+             .select_from(queue.join(spec.table, queue.c.row_id == spec.key)
+                          .outerjoin(prov, sa.and_(prov.c.target == spec.name, prov.c.row_id == queue.c.row_id)))
+             .where(queue.c.target == spec.name, queue.c.row_id > after, *tables.scope(spec, user_id), ~recorded,
+                    sa.or_(needs, prov.c.row_id.is_not(None)))
+             .order_by(queue.c.row_id).limit(read))
+        rows = conn.execute(q).all()
+        page += [r for r in rows if r._mapping["_needs"] or _text_changed(spec, r)][:size - len(page)]
+        if len(rows) < read:
+            return page
+        after = int(rows[-1][0])
+    return page
+
+
+def size(conn: Connection, specs: Iterable[tables.Spec]) -> int:
+    """Entries in the queue for these tables (a follower's poll: the triggers only add, we only take off)."""
+    names = [spec.name for spec in specs]
+    return int(conn.execute(sa.select(sa.func.count()).select_from(queue).where(queue.c.target.in_(names))).scalar()
+               or 0)
 
 
 def ensure_compatible(conn: Connection, spec: tables.Spec, provider: Any, user_id: str | None) -> None:

@@ -257,9 +257,15 @@ Mode = Annotated[str, typer.Option(
 BatchFileLines = Annotated[int, typer.Option(
     "--batch-file-lines", rich_help_panel=BATCH,
     help="Batch mode: request lines (of -b inputs each) per uploaded file and batch, <= 50000.")]
-PollInterval = Annotated[float, typer.Option(
-    "--poll-interval", rich_help_panel=BATCH,
-    help="Batch mode: seconds between polls of the running batches (bound the wait with --max-runtime).")]
+PollInterval = Annotated[float | None, typer.Option(
+    "--poll-interval", rich_help_panel=BATCH, show_default=False,
+    help="Seconds between polls: of the running batches in batch mode (bound the wait with --max-runtime) "
+    "[default: 60], or of the change queue with --follow [default: 1].")]
+Follow = Annotated[bool, flag(
+    "--follow", help="After the backlog, keep running: embed rows the server inserts or edits (the change queue) "
+    "within --poll-interval seconds. Stop it with SIGTERM or Ctrl-C: what landed commits, then exit 0 with "
+    "the job done, 130 if rows were left (`backfill resume`), 3 if rows failed. --max-runtime ends it too. "
+    "Not with --mode batch, --limit, --dry-run, --reembed-all or --reembed-stale.")]
 ReembedStale = Annotated[bool, flag(
     "--reembed-stale", help="Also re-embed stale rows: text edited since it was embedded, another model/dimensions, "
     "or an older recipe (see `backfill stats`). Rows without provenance are left alone.")]
@@ -308,9 +314,10 @@ def _job_command(action: str, doc: str) -> Callable[..., None]:
         max_runtime: MaxRuntime = None, recipe: Recipe = "mcp-memory-ts/1", reembed_all: ReembedAll = False,
         max_rpm: MaxRpm = None, max_tpm: MaxTpm = None, timeout: Timeout = 60.0, wait: Wait = False,
         log_format: LogFormat = Format.auto, mode: Mode = "sync", batch_file_lines: BatchFileLines = 50_000,
-        poll_interval: PollInterval = 60.0, reembed_stale: ReembedStale = False, adopt_existing: AdoptExisting = False,
+        poll_interval: PollInterval = None, reembed_stale: ReembedStale = False, adopt_existing: AdoptExisting = False,
         max_failed_ratio: MaxFailedRatio = None, vector_column: VectorColumn = None, max_cost: MaxCost = None,
         price_per_mtok: PricePerMtok = None, dry_run: DryRun = False, full_scan: FullScan = False,
+        follow: Follow = False,
     ) -> None:
         from backfill import commands
 
@@ -319,7 +326,8 @@ def _job_command(action: str, doc: str) -> Callable[..., None]:
         req.reembed_stale, req.adopt_existing = reembed_stale, adopt_existing
         req.max_failed_ratio, req.vector_column = max_failed_ratio, vector_column
         req.max_cost, req.price_per_mtok = max_cost, price_per_mtok
-        req.extra.update(mode=mode, file_lines=batch_file_lines, poll_interval=poll_interval, full_scan=full_scan)
+        req.extra.update(mode=mode, file_lines=batch_file_lines, poll_interval=poll_interval, full_scan=full_scan,
+                         follow=follow, dry_run=dry_run)
         name = "plan" if dry_run else action  # --dry-run: the same options, planned
         _execute(log_format, lambda: load_settings(database_url, openai_base_url=base_url),
                  lambda s: getattr(commands, name)(s, req))
@@ -340,6 +348,8 @@ app.command("up", cls=FlagCommand)(_job_command("up", """The whole chain: migrat
     (resuming the open job) -> stats. Safe after every deploy.
 
     Example: backfill up --database-url ./memory.db --provider local
+
+    As a service, embedding what the server writes within seconds: backfill up --follow
     """))
 
 

@@ -17,10 +17,12 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from backfill import changes, db, jobs, tables, vectors
 from backfill.page import PageResult, RunOptions
+from backfill.schema import backfill_embeddings as prov
 from backfill.writer import current, encode_vector, record_provenance, write_vectors
 
 Part = tuple[tables.Spec, PageResult]
@@ -112,6 +114,8 @@ class Committer:
         hashes = {rid: result.hashes[rid] for rid in encoded}
         still_needs = None if (self.options.reembed_all or self.options.reembed_stale) else \
             tables.needs_embedding(spec, self.engine.dialect.name, self.dimensions)
+        if still_needs is not None and self.options.follow:  # also a row whose text changed under our vector
+            still_needs = sa.or_(still_needs, sa.exists().where(prov.c.target == spec.name, prov.c.row_id == spec.key))
         problems = [
             *({"target": spec.name, "row_id": rid, "kind": "failed", "error": err[:1000]}
               for rid, err in result.failures.items()),

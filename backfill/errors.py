@@ -8,7 +8,7 @@ Exit codes are a documented contract (README, `backfill --help`):
     3   the job finished but some rows failed (they are recorded; `backfill retry-failed`)
     4   another worker holds the job's lease
     5   the environment stops the database: disk full, read-only file or mount, journal cannot be created
-    130 interrupted (SIGINT/SIGTERM); the job is resumable
+    130 interrupted (SIGINT/SIGTERM); the job is resumable (a `--follow` stopped with nothing left exits 0)
     70  internal error (a bug): rerun with --traceback and report it
 """
 
@@ -25,7 +25,8 @@ EXIT_INTERNAL = 70
 
 # the contract, in one place: `backfill --help` and the README print this table
 EXIT_CODES = (  # (code, short name, what it means)
-    (EXIT_OK, "done", "done, nothing to do, or stopped on purpose (--limit, --max-runtime, cancel)"),
+    (EXIT_OK, "done", "done, nothing to do, or stopped on purpose (--limit, --max-runtime, cancel, a signal to "
+                      "--follow with nothing left)"),
     (EXIT_DRIFT, "schema drift", "schema drift (verify), or a schema the tool cannot use (nothing changed)"),
     (EXIT_USAGE, "usage or configuration error", "bad flag, URL, missing key, unknown user (nothing changed)"),
     (EXIT_ROWS_FAILED, "some rows failed", "recorded; `backfill retry-failed` re-sends them"),

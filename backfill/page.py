@@ -16,6 +16,7 @@ from backfill import tables
 MODES = ("sync", "batch")
 MAX_FILE_LINES = 50_000  # request lines per Batch API file (the provider's limit)
 POLL_INTERVAL_S = 60.0  # Batch API mode: seconds between polls
+FOLLOW_POLL_S = 1.0  # --follow: seconds between polls of the change queue
 
 
 @dataclass
@@ -45,6 +46,7 @@ class RunOptions:
     file_lines: int = MAX_FILE_LINES  # Batch API mode: request lines per file
     price_per_mtok: float | None = None  # USD per 1M tokens, over the model's price table
     base_url: str | None = None  # the provider's base URL when the job started
+    follow: bool = False  # --follow: this invocation keeps embedding what the change queue gets (follow.py)
 
     @property
     def page_size(self) -> int:

@@ -52,6 +52,7 @@ __all__ = ["JobRun", "Outcome", "PageResult", "Pager", "RunOptions", "Runner"]
 
 PIPELINE_PAGES = 3  # pages selected and queued ahead of the one being committed
 FIRST_PAGE_PER_THREAD = 4  # rows per request thread in a job's first page (a provider fed in chunks)
+LEFT_PAGE = 1_000  # rows per read when counting what is left (JobRun.left)
 GIL_SWITCH_S = 0.001  # while a job runs (CPython's default is 0.005)
 
 
@@ -111,7 +112,19 @@ class JobRun:
         self.outcome = Outcome(job.id, "running", None)
         self.committer = Committer(engine, job, worker, options, provider, started=self.started,
                                    price_per_mtok=provider.price_per_mtok * price_factor)
-        self.pager = Pager(engine, sources.for_run(options, job.dimensions, provider.model), options.limit)
+        source = sources.for_follow(job.id, job.dimensions, options) if options.follow else \
+            sources.for_run(options, job.dimensions, provider.model)
+        self.pager = Pager(engine, source, options.limit)
+
+    def left(self) -> int:
+        """Rows the page source still holds from key 0 (a follower's check that nothing is left in scope)."""
+        total = 0
+        for spec in tables.specs_for(self.job.target):
+            after = 0
+            while rows := self.pager.read(spec, after, LEFT_PAGE):
+                total += len(rows)
+                after = int(rows[-1][0])
+        return total
 
     def _heartbeat(self) -> None:
         jobs.heartbeat(self.engine, self.job.id, self.worker)
@@ -443,8 +456,10 @@ class Runner(JobRun):
         self.progress.batch(self, spec.name, rows, result, None if retry else (cursors or {}).get(spec.name))
 
     # --- entry points ---------------------------------------------------------------------
-    def run(self) -> Outcome:
-        cursors = dict(self.job.cursors)
+    def run(self, cursors: dict[str, int] | None = None) -> Outcome:
+        """One pass over the page source, from the job's cursors (or `cursors`: a follower's later passes
+        start from key 0, follow.py)."""
+        cursors = dict(self.job.cursors if cursors is None else cursors)
         pool = ThreadPoolExecutor(max_workers=self.options.concurrency, thread_name_prefix="embed")
         # one thread for the Python work beside the writer: pages made in key order, answers encoded
         prep = self._cpu = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare")

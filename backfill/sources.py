@@ -54,6 +54,13 @@ def queued_rows(conn: Connection, spec: tables.Spec, after: int, size: int, *, d
     return changes.next_page(conn, spec, after, size, user_id, dimensions)
 
 
+def followed_rows(conn: Connection, spec: tables.Spec, after: int, size: int, *, dimensions: int, user_id: str | None,
+                  job_id: int) -> list[Any]:
+    """`--follow`: what the change queue holds that needs a vector or whose text changed since it was embedded,
+    less the rows the job recorded as failed or skipped (changes.follow_page). No table scan."""
+    return changes.follow_page(conn, spec, after, size, user_id, dimensions, job_id)
+
+
 def stale_rows(conn: Connection, spec: tables.Spec, after: int, size: int, *, reference: stale.Reference,
                user_id: str | None) -> list[Any]:
     """`--reembed-stale`: rows that need or deserve a new vector (stale.wanted). Fresh rows are scanned past;
@@ -89,6 +96,10 @@ def for_run(options: RunOptions, dimensions: int, model: str | None) -> Source:
         return functools.partial(stale_rows, reference=stale.Reference(model, dimensions, options.recipe),
                                  user_id=options.user_id)
     return functools.partial(missing_rows, dimensions=dimensions, options=options)
+
+
+def for_follow(job_id: int, dimensions: int, options: RunOptions) -> Source:
+    return functools.partial(followed_rows, dimensions=dimensions, user_id=options.user_id, job_id=job_id)
 
 
 def for_retry(job_id: int, user_id: str | None) -> Source:

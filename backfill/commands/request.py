@@ -51,7 +51,11 @@ class RunRequest:
     @property
     def poll_interval_s(self) -> float:
         poll = self.extra.get("poll_interval")
-        return page.POLL_INTERVAL_S if poll is None else float(poll)
+        return (page.FOLLOW_POLL_S if self.follow else page.POLL_INTERVAL_S) if poll is None else float(poll)
+
+    @property
+    def follow(self) -> bool:
+        return bool(self.extra.get("follow"))
 
     def pacing(self) -> dict:
         """How fast and how long this invocation runs: what `resume` and `retry-failed` take over a job's own."""
@@ -89,6 +93,7 @@ def validate(req: RunRequest) -> None:
     if req.max_cost is not None and req.max_cost < 0:
         raise ConfigError("--max-cost must be >= 0 (US dollars)")
     validate_pacing(req)
+    validate_follow(req)
     if req.mode != "sync":
         from backfill import batch_api
 
@@ -98,6 +103,18 @@ def validate(req: RunRequest) -> None:
         if req.reembed_stale or req.vector_column:
             raise ConfigError("--mode batch does not take --reembed-stale or --vector-column yet: "
                               "run those in sync mode")
+
+
+def validate_follow(req: RunRequest) -> None:
+    """`--follow` runs until stopped, in sync mode, on the rows that need a vector: what it cannot combine with."""
+    if not req.follow:
+        return
+    for flag, given in (("--mode batch", req.mode == "batch"), ("--limit", req.limit is not None),
+                        ("--dry-run", bool(req.extra.get("dry_run"))), ("--reembed-all", req.reembed_all),
+                        ("--reembed-stale", req.reembed_stale)):
+        if given:
+            raise ConfigError(f"--follow does not take {flag}: run that without --follow, then start the "
+                              "follower (`backfill up --follow`)")
 
 
 def validate_pacing(req: RunRequest) -> None:
@@ -126,7 +143,8 @@ def run_options(req: RunRequest, user_id: str | None, base_url: str | None = Non
     return page.RunOptions(
         target=req.target, user_id=user_id, recipe=req.recipe, reembed_all=req.reembed_all,
         reembed_stale=req.reembed_stale, model=req.model, vector_column=req.vector_column, mode=req.mode,
-        file_lines=req.file_lines, price_per_mtok=req.price_per_mtok, base_url=base_url, **req.pacing(),
+        file_lines=req.file_lines, price_per_mtok=req.price_per_mtok, base_url=base_url, follow=req.follow,
+        **req.pacing(),
     )
 
 

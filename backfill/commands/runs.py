@@ -14,6 +14,7 @@ from backfill import (
     adoption,
     changes,
     db,
+    follow,
     jobs,
     launch,
     report,
@@ -96,9 +97,14 @@ def _drive(settings: Settings, engine: Engine, job: jobs.Job, provider: Provider
         with report.Progress(job.id, total, "retry" if retry else "embedding") as progress, \
                 stopping.signals_stop(stop, lambda: _stopping_notice(job.id, run, stop, progress)):
             run.progress = progress
-            outcome = run.retry() if retry else run.run()
+            if options.follow:
+                outcome = follow.follow(run, req.poll_interval_s)
+            else:
+                outcome = run.retry() if retry else run.run()
         reason = stop.reason
         status = "cancelled" if reason == "cancelled" else ("interrupted" if reason else "done")
+        if options.follow and status == "interrupted" and not run.left():
+            status = "done"  # a follower's stop (signal, --max-runtime) with nothing left in scope: exit 0
     except FatalProviderError as exc:
         reason = str(exc)
         raise ConfigError(f"{exc} (job {job.id} is resumable: {report.suggest(f'backfill resume {job.id}')})") from None
@@ -192,8 +198,10 @@ def run(settings: Settings, req: RunRequest) -> int:
         user_id = coverage.user_id_for(conn, req.user_email) if req.user_email else None
     for spec in tables.specs_for(req.target):  # change queue: seeded once (or --full-scan), then settled
         changes.refresh(engine, spec, _identity(req)[2], full_scan=bool(req.extra.get("full_scan")))
+    if req.follow:
+        _require_queue(engine, req)
     _refuse_mixing(engine, req, user_id)  # before "nothing to do": another model in the column is refused
-    if not req.adopt_existing and _nothing_to_do(engine, req, user_id):
+    if not req.adopt_existing and not req.follow and _nothing_to_do(engine, req, user_id):
         report.nothing("nothing to embed: every row in scope has its embedding (no job recorded)",
                        target=req.target, user_email=req.user_email)
         return 0
@@ -213,6 +221,13 @@ def run(settings: Settings, req: RunRequest) -> int:
     if req.adopt_existing:
         _adopt(engine, job, provider, req, user_id)
     return _drive(settings, engine, job, provider, req, options, runner_class=_batch_runner(settings, job, req))
+
+
+def _require_queue(engine: Engine, req: RunRequest) -> None:
+    with engine.connect() as conn:
+        if not all(changes.seeded(conn, spec) for spec in tables.specs_for(req.target)):
+            raise ConfigError("--follow reads the change queue, which this database lacks: run `backfill migrate` "
+                              "(or `backfill up --follow`)")
 
 
 def _adopt(engine: Engine, job: jobs.Job, provider: Provider, req: RunRequest, user_id: str | None) -> None:
@@ -297,7 +312,7 @@ def _preflight(settings: Settings, req: RunRequest) -> None:
     with engine.connect() as conn:
         user_id = coverage.user_id_for(conn, req.user_email) if req.user_email else None
     _refuse_mixing(engine, req, user_id)
-    if not req.adopt_existing and _nothing_to_do(engine, req, user_id) and not (
+    if not req.adopt_existing and not req.follow and _nothing_to_do(engine, req, user_id) and not (
             req.extra.get("full_scan") and changes.missed(engine, tables.specs_for(req.target))):
         return  # nothing to embed: no key needed, and no provider built (the SDK and tokenizer take ~1.5 s)
     if req.provider == "openai" and not settings.openai_api_key:
@@ -359,9 +374,10 @@ def retry_failed(settings: Settings, job_id: int | None, req: RunRequest) -> int
 
 
 def up(settings: Settings, req: RunRequest) -> int:
-    """migrate -> verify -> run (resuming the open job) -> stats; stops at the first failing step.
-    Every flag, the key and the provider are checked before `migrate` touches anything."""
-    if req.extra.get("dry_run"):
+    """migrate -> verify -> run (resuming the open job; with --follow, then the change queue until stopped)
+    -> stats; stops at the first failing step. Every flag, the key and the provider are checked before
+    `migrate` touches anything."""
+    if req.extra.get("dry_run") and not req.follow:
         return plan(settings, req)
     req = resolve_provider(settings, req)
     validate(req)
