@@ -297,3 +297,24 @@ def open_failures(conn: Connection, job_id: int, kind: str = "failed") -> list[d
                                      failures_t.c.resolved == sa.false())
          .order_by(failures_t.c.target, failures_t.c.row_id))
     return [dict(r) for r in conn.execute(q).mappings()]
+
+
+TOP_REASONS = 5
+
+
+def top_reasons(conn: Connection, job_id: int, n: int = TOP_REASONS, kind: str = "failed") -> list[dict[str, Any]]:
+    """The `n` most common reasons among a job's unresolved failures, with their counts."""
+    count = sa.func.count().label("rows")
+    q = (sa.select(failures_t.c.error, count)
+         .where(failures_t.c.job_id == job_id, failures_t.c.resolved == sa.false(), failures_t.c.kind == kind)
+         .group_by(failures_t.c.error).order_by(count.desc(), failures_t.c.error).limit(n))
+    return [{"reason": r[0], "count": int(r[1])} for r in conn.execute(q)]
+
+
+def latest_failed(conn: Connection) -> int | None:
+    """The newest job with an unresolved failed row: what `retry-failed` retries when no job is named."""
+    row = conn.execute(sa.text(
+        "SELECT job_id FROM backfill_failures WHERE kind = 'failed' AND resolved = :f "
+        "ORDER BY job_id DESC LIMIT 1"
+    ), {"f": False}).first()
+    return None if row is None else int(row[0])

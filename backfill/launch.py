@@ -1,17 +1,26 @@
-"""Starting a job: find the open one with the same parameters or create it, under the jobs lock, after
-every refusal (one model per column, `--reembed-stale` mixing, a job open in the other mode) and before
-the one piece of DDL a run may issue (`--vector-column`), which comes last."""
+"""Starting a job: what `run` and `up` check before it (one model per column, nothing to do, the change
+queue for `--follow`), then find the open one with the same parameters or create it, under the jobs lock,
+after every refusal (one model per column, `--reembed-stale` mixing, a job open in the other mode) and
+before the one piece of DDL a run may issue (`--vector-column`), which comes last."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
+import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from backfill import changes, db, jobs, locks, stale, tables, vectors
+from backfill import adoption, changes, db, drive, jobs, locks, report, sources, stale, tables, vectors
+from backfill import stats as coverage
+from backfill.budget import refuse_over_budget
+from backfill.config import Settings
 from backfill.errors import ConfigError
 from backfill.page import RunOptions
+from backfill.providers import DEFAULT_MODEL
+from backfill.providers.base import DEFAULT_DIMENSIONS, Provider
+from backfill.request import RunRequest, build_provider, run_options
 
 
 @dataclass
@@ -58,3 +67,127 @@ def _find_or_create(conn: Connection, options: RunOptions, provider: Any, *, use
     if options.vector_column:  # last: every refusal above comes before this DDL
         added = list(vectors.prepare(conn, database_kind, specs, options.vector_column, provider.dimensions))
     return Started(job, created, added)
+
+
+def run(settings: Settings, req: RunRequest, engine: Engine, database_kind: str) -> int:
+    """`run` on an open database with backfill's tables, its flags checked: refuse, or say there is nothing
+    to do, or find or start the job, then drive it to its end."""
+    with engine.connect() as conn:
+        user_id = coverage.user_id_for(conn, req.user_email) if req.user_email else None
+    for spec in tables.specs_for(req.target):  # change queue: seeded once (or --full-scan), then settled
+        changes.refresh(engine, spec, _identity(req)[2], full_scan=bool(req.extra.get("full_scan")))
+    if req.follow:
+        _require_queue(engine, req)
+    _refuse_mixing(engine, req, user_id)  # before "nothing to do": another model in the column is refused
+    if not req.adopt_existing and not req.follow and _nothing_to_do(engine, req, user_id):
+        report.nothing("nothing to embed: every row in scope has its embedding (no job recorded)",
+                       target=req.target, user_email=req.user_email)
+        return 0
+    provider = req.extra.pop("provider", None) or build_provider(settings, req)
+    req.model = provider.model
+    options = run_options(req, user_id, settings.openai_base_url)
+    if req.max_cost is not None:
+        refuse_over_budget(engine, req, provider, options, key_for(options, provider))
+    started = find_or_create(engine, options, provider, user_email=req.user_email, database_kind=database_kind)
+    job = started.job
+    if started.created:
+        report.say(f"started job {job.id}: {req.target} with {provider.model} ({provider.dimensions} dimensions)")
+    else:
+        report.say(f"resuming job {job.id} from its last committed batch")
+    for name in started.added_columns:
+        report.say(f"added column {name}.{req.vector_column} F32_BLOB({provider.dimensions})")
+    if req.adopt_existing:
+        _adopt(engine, job, provider, req, user_id)
+    return drive.drive(settings, engine, job, provider, req, options,
+                       runner_class=drive.batch_runner(settings, job, req))
+
+
+def _require_queue(engine: Engine, req: RunRequest) -> None:
+    with engine.connect() as conn:
+        if not all(changes.seeded(conn, spec) for spec in tables.specs_for(req.target)):
+            raise ConfigError("--follow reads the change queue, which this database lacks: run `backfill migrate` "
+                              "(or `backfill up --follow`)")
+
+
+def _adopt(engine: Engine, job: jobs.Job, provider: Provider, req: RunRequest, user_id: str | None) -> None:
+    for spec in tables.specs_for(req.target):
+        n = stale.adopt(engine, spec, provider=provider.name, model=provider.model, dimensions=provider.dimensions,
+                        recipe=req.recipe, user_id=user_id, job_id=job.id)
+        report.say(f"adopted {n} existing {spec.name} vector(s): provenance recorded, nothing sent")
+        report.event("adopted", job=job.id, target=spec.name, rows=n)
+
+
+def _identity(req: RunRequest) -> tuple[str, str, int]:
+    """The provider, model and dimensions a run would write, without a key or a request."""
+    prov = req.extra.get("provider")
+    if prov is None and req.provider == "local":
+        prov = req.extra["provider"] = build_provider(Settings(), req)  # offline, no key; loads in < 1 s
+    if prov is not None:
+        return prov.name, prov.model, prov.dimensions
+    model = req.model or DEFAULT_MODEL
+    dims = req.dimensions or DEFAULT_DIMENSIONS.get(model)
+    if not dims:
+        raise ConfigError(f"unknown dimensions for model {model!r}: pass --dimensions N")
+    return req.provider, model, dims
+
+
+def _open_job(engine: Engine, req: RunRequest, user_id: str | None) -> jobs.Job | None:
+    if not sa.inspect(engine).has_table("backfill_jobs"):
+        return None
+    name, model, dims = _identity(req)
+    with engine.connect() as conn:
+        return jobs.find_open(conn, jobs.JobKey("run", req.target, user_id, name, model, dims, req.recipe))
+
+
+def _columnless(engine: Engine) -> set[str]:
+    """Tables whose `embedding` column `migrate` has yet to add (a database the server's startup alone made)."""
+    with engine.connect() as conn:
+        return {table for table, _column in adoption.missing_added_columns(conn)}
+
+
+def _refuse_mixing(engine: Engine, req: RunRequest, user_id: str | None) -> None:
+    """One model per column (changes.ensure_compatible), asked without a key; `run` asks again under
+    the job lock."""
+    if req.reembed_all or req.reembed_stale or _open_job(engine, req, user_id) is not None:
+        return
+    _name, model, dims = _identity(req)
+    columnless = _columnless(engine)  # no column yet: no vector in it to mix with
+    with engine.connect() as conn:
+        for spec in (s for s in tables.specs_for(req.target) if s.name not in columnless):
+            changes.ensure_compatible(conn, spec, SimpleNamespace(model=model, dimensions=dims), user_id)
+
+
+def _nothing_to_do(engine: Engine, req: RunRequest, user_id: str | None) -> bool:
+    """No open job for these parameters and no row in scope that needs (or, with --reembed-*, deserves)
+    a vector: then no key is needed and no job row is recorded."""
+    _name, model, dims = _identity(req)
+    if _open_job(engine, req, user_id) is not None:
+        return False
+    columnless = _columnless(engine)
+    if any(spec.name in columnless for spec in tables.specs_for(req.target)):
+        return False  # a table without its embedding column yet: every row of it will need one
+    inspector = sa.inspect(engine)
+    opts = RunOptions(target=req.target, user_id=user_id, reembed_all=req.reembed_all,
+                      reembed_stale=req.reembed_stale and inspector.has_table("backfill_embeddings"),
+                      model=model, recipe=req.recipe)
+    with engine.connect() as conn:
+        return not any(sources.remaining(conn, spec, dims, opts, 0) for spec in tables.specs_for(req.target))
+
+
+def preflight(settings: Settings, req: RunRequest, engine: Engine) -> None:
+    """`up`, on a database that exists: the user, the key and provider, one model per column, checked before
+    `migrate` writes anything (the flags and the backend are checked by the caller)."""
+    if not sa.inspect(engine).has_table("memories"):
+        return  # empty or foreign: `migrate` decides; nothing to embed here either
+    with engine.connect() as conn:
+        if adoption.problems(conn):
+            return  # a needed column is missing or unusable: `migrate` (or `verify`) refuses, naming it
+    with engine.connect() as conn:
+        user_id = coverage.user_id_for(conn, req.user_email) if req.user_email else None
+    _refuse_mixing(engine, req, user_id)
+    if not req.adopt_existing and not req.follow and _nothing_to_do(engine, req, user_id) and not (
+            req.extra.get("full_scan") and changes.missed(engine, tables.specs_for(req.target))):
+        return  # nothing to embed: no key needed, and no provider built (the SDK and tokenizer take ~1.5 s)
+    if req.provider == "openai" and not settings.openai_api_key:
+        build_provider(settings, req)  # the missing-key refusal, before anything is written
+    req.extra["provider"] = req.extra.get("provider") or build_provider(settings, req)

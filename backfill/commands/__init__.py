@@ -10,9 +10,9 @@ from __future__ import annotations
 from backfill.commands.budget import plan
 from backfill.commands.database import environment_problem, migrate, open_database, stats, verify
 from backfill.commands.jobs_view import cancel, list_jobs, status
-from backfill.commands.request import RunRequest
 from backfill.commands.runs import resume, retry_failed, run, up
 from backfill.commands.tools import index, sample_db
+from backfill.request import RunRequest
 
 __all__ = [
     "RunRequest",

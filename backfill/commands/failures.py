@@ -12,23 +12,15 @@ from sqlalchemy.engine import Connection
 from backfill import jobs, report
 from backfill.commands.database import open_database, require_tables
 from backfill.config import Settings
+from backfill.jobs import top_reasons
 from backfill.schema import backfill_failures as failures_t
 
-TOP_REASONS = 5
 REASON_WIDTH = 48  # a listing line fits 80 columns
 
 
 def _open(job_id: int) -> list[sa.ColumnElement[bool]]:
     """A job's failure rows still standing: failed and not since embedded, or skipped."""
     return [failures_t.c.job_id == job_id, failures_t.c.resolved == sa.false()]
-
-
-def top_reasons(conn: Connection, job_id: int, n: int = TOP_REASONS, kind: str = "failed") -> list[dict[str, Any]]:
-    """The `n` most common reasons among a job's unresolved failures, with their counts."""
-    count = sa.func.count().label("rows")
-    q = (sa.select(failures_t.c.error, count).where(*_open(job_id), failures_t.c.kind == kind)
-         .group_by(failures_t.c.error).order_by(count.desc(), failures_t.c.error).limit(n))
-    return [{"reason": r[0], "count": int(r[1])} for r in conn.execute(q)]
 
 
 def latest_with_failures(conn: Connection) -> int | None:
