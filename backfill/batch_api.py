@@ -85,7 +85,7 @@ def api_for(settings: Settings, job: jobs.Job, timeout: float = 60.0) -> BatchAp
 
 
 def runner_factory(settings: Settings, job: jobs.Job, timeout: float, poll_interval_s: float) -> Callable[..., Any]:
-    """What `commands.runs._drive` builds instead of the synchronous `Runner` for a batch job."""
+    """What `drive.drive` builds instead of the synchronous `Runner` for a batch job."""
     options = BatchOptions(file_lines=page.RunOptions.from_job(job).file_lines, poll_interval_s=poll_interval_s)
     return functools.partial(BatchRunner, api=api_for(settings, job, timeout), batch=options)
 

@@ -47,7 +47,6 @@ def _claim(engine: Engine, job: jobs.Job, worker: str, req: RunRequest) -> jobs.
         return claimed
 
 
-
 def drive(settings: Settings, engine: Engine, job: jobs.Job, provider: Provider, req: RunRequest,
            options: RunOptions, *, retry: bool = False, runner_class: Callable[..., Any] | None = None) -> int:
     worker = jobs.worker_identity()
@@ -127,7 +126,6 @@ def drive(settings: Settings, engine: Engine, job: jobs.Job, provider: Provider,
     return 0
 
 
-
 def _stopping_notice(job_id: int, run: Any, stop: stopping.StopFlag, progress: report.Progress) -> None:
     """Said at once on the first Ctrl-C/SIGTERM: what will happen, and how to abort instead."""
     in_flight, embedded = run.rows_in_flight() if hasattr(run, "rows_in_flight") else (0, progress.count)
@@ -135,13 +133,11 @@ def _stopping_notice(job_id: int, run: Any, stop: stopping.StopFlag, progress: r
     progress.note(f"{stop.reason}: stopping after the {in_flight} rows in flight; Ctrl-C again to abort")
 
 
-
 def _count_from_job(outcome: Any, before: jobs.Job, after: jobs.Job) -> None:
     """This run's counts as the job row's counters moved, for a run whose accounting was cut short."""
     for name in ("selected", "embedded", "skipped", "batches", "tokens", "tokens_saved"):
         setattr(outcome, name, int(getattr(after, name) or 0) - int(getattr(before, name) or 0))
     outcome.cost_usd = float(after.cost_usd or 0) - float(before.cost_usd or 0)
-
 
 
 def batch_runner(settings: Settings, job: jobs.Job, req: RunRequest) -> Callable[..., Any] | None:
@@ -152,7 +148,6 @@ def batch_runner(settings: Settings, job: jobs.Job, req: RunRequest) -> Callable
     if not batch_api.is_batch(job):
         return None
     return batch_api.runner_factory(settings, job, req.timeout_s, req.poll_interval_s)
-
 
 
 def _tolerated(req: RunRequest, failed: int, selected: int) -> bool:

@@ -12,7 +12,7 @@ checks `--max-runtime` and `backfill cancel` (one read of the job row), and the 
 HEARTBEAT_S while idle (commits renew it while busy).
 
 A stop (signal, `--max-runtime`, cancel) ends the pass in progress as any run ends (what landed commits) and
-then the loop; the command (commands/runs.py) records the job `done` when nothing is left in scope, else
+then the loop; `drive.drive` records the job `done` when nothing is left in scope, else
 `interrupted`.
 """
 

@@ -1,8 +1,7 @@
 """One library function per CLI command: open the database, do the work, report the result.
 
-`database` (migrate, verify, stats), `request` (what a run is asked to do), `runs` (run, up, resume,
-retry-failed), `jobs_view` (status, jobs, cancel), `budget` (plan, --max-cost), `tools` (index,
-sample-db).
+`database` (migrate, verify, stats), `runs` (run, up, resume, retry-failed), `jobs_view` (status, jobs,
+cancel), `failures`, `budget` (plan), `tools` (index, sample-db). What a run is asked is `backfill.request`.
 """
 
 from __future__ import annotations
