@@ -319,7 +319,10 @@ def test_a_migration_killed_at_any_statement_leaves_a_database_migrate_finishes(
     statements = os.WEXITSTATUS(status) - 100
     assert statements > 10
     before = snapshot(source) if source.exists() else None
-    for k in range(1, statements + 1):
+    # every statement through sqlite3; every third (and the last) through libSQL, whose driver differs only in
+    # how the transaction opens (an explicit BEGIN IMMEDIATE): the sweep is the suite's slowest part
+    kills = range(1, statements + 1) if kind == "sqlite" else sorted({*range(1, statements + 1, 3), statements})
+    for k in kills:
         victim = tmp_path / f"k{k}.db"
         if source.exists():
             shutil.copyfile(source, victim)
