@@ -104,6 +104,13 @@ def file_backend(request, tmp_path) -> Backend:
     return make_backend(request.param, tmp_path)
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def sql_backend(request, tmp_path) -> Backend:
+    """SQLite's and PostgreSQL's SQL: for end-to-end tests whose SQL libSQL runs as SQLite does (the libSQL
+    driver itself is covered by the `backend` and `engine_backend` tests), to keep the suite's time down."""
+    return make_backend(request.param, tmp_path)
+
+
 @dataclass
 class Result:
     code: int

@@ -80,11 +80,11 @@ def test_triggers_queue_inserts_recipe_edits_and_cleared_vectors_only(backend):
             f"SELECT count(*) FROM backfill_changes WHERE target = 'memories' AND row_id = {new}").scalar() == 1
 
 
-def test_up_empties_the_queue_and_a_later_insert_gets_its_vector(backend, cli):
-    engine = _migrated(backend)
+def test_up_empties_the_queue_and_a_later_insert_gets_its_vector(sql_backend, cli):
+    engine = _migrated(sql_backend)
     assert needing(engine)
     with FakeOpenAI() as server:
-        _up(backend, server, cli=cli)  # the first run seeds, then embeds from the queue
+        _up(sql_backend, server, cli=cli)  # the first run seeds, then embeds from the queue
         assert needing(engine) == set()
         assert _queue(engine) == set()
         with engine.connect() as conn:
@@ -93,44 +93,44 @@ def test_up_empties_the_queue_and_a_later_insert_gets_its_vector(backend, cli):
         new = _insert_memory(engine, "after seeding")
         assert _queue(engine) == {("memories", new)}
         requests = server.stats()["requests"]
-        _up(backend, server, cli=cli)
+        _up(sql_backend, server, cli=cli)
         assert server.stats()["requests"] > requests
     assert is_vector(embeddings(engine, "memories", f"WHERE id = {new}")[new], DIMS)
     assert needing(engine) == set()
     assert _queue(engine) == set()
 
 
-def test_a_row_changed_behind_the_triggers_back_needs_full_scan(backend, cli):
+def test_a_row_changed_behind_the_triggers_back_needs_full_scan(sql_backend, cli):
     """A plain `up` reads only the queue: a row broken where the triggers cannot see stays broken (so no scan
     happened); `verify --deep` names it and `up --full-scan` finds and embeds it."""
-    engine = _migrated(backend)
+    engine = _migrated(sql_backend)
     with FakeOpenAI() as server:
-        _up(backend, server, cli=cli)
+        _up(sql_backend, server, cli=cli)
         hidden = _ids(engine, "memories", "1 = 1", 3)
         _exec(engine, f"UPDATE memories SET embedding = NULL WHERE id IN ({hidden[0]}, {hidden[1]})",
               "DELETE FROM backfill_changes")  # as if written with the triggers off
-        out = _up(backend, server, cli=cli)
+        out = _up(sql_backend, server, cli=cli)
         assert "nothing to embed" in out
         stored = embeddings(engine, "memories")
         assert (stored[hidden[0]], stored[hidden[1]]) == (None, None)
-        deep = cli("verify", "--deep", "--database-url", backend.url)
+        deep = cli("verify", "--deep", "--database-url", sql_backend.url)
         assert deep.code == 1 and "2 memories row(s) need a vector but are not in the change queue" in deep.output
-        assert cli("verify", "--database-url", backend.url).code == 0  # the plain verify reads no rows
-        _up(backend, server, "--full-scan", cli=cli)
+        assert cli("verify", "--database-url", sql_backend.url).code == 0  # the plain verify reads no rows
+        _up(sql_backend, server, "--full-scan", cli=cli)
     assert needing(engine) == set()
     assert _queue(engine) == set()
-    assert cli("verify", "--deep", "--database-url", backend.url).code == 0
+    assert cli("verify", "--deep", "--database-url", sql_backend.url).code == 0
 
 
-def test_a_missing_trigger_is_drift_and_migrate_puts_it_back(backend, cli):
-    engine = _migrated(backend)
-    on = " ON memories" if backend.name == "postgresql" else ""
+def test_a_missing_trigger_is_drift_and_migrate_puts_it_back(sql_backend, cli):
+    engine = _migrated(sql_backend)
+    on = " ON memories" if sql_backend.name == "postgresql" else ""
     _exec(engine, f"DROP TRIGGER backfill_memories_queue_insert{on}")
-    drift = cli("verify", "--database-url", backend.url, "--log-format", "human")
+    drift = cli("verify", "--database-url", sql_backend.url, "--log-format", "human")
     assert drift.code == 1 and "missing change-queue trigger backfill_memories_queue_insert" in drift.stderr
-    fixed = cli("migrate", "--database-url", backend.url, "--log-format", "human")
+    fixed = cli("migrate", "--database-url", sql_backend.url, "--log-format", "human")
     assert fixed.code == 0 and "backfill_memories_queue_insert" in fixed.output
-    assert cli("verify", "--database-url", backend.url).code == 0
+    assert cli("verify", "--database-url", sql_backend.url).code == 0
     _exec(engine, "DELETE FROM backfill_changes")
     new = _insert_memory(engine, "queued again")
     assert _queue(engine) == {("memories", new)}
@@ -143,10 +143,10 @@ def _stats(backend, cli, *args: str) -> dict:
     return {k: data[k] for k in ("tables", "verdict", "recommendation")}
 
 
-def test_stats_from_the_queue_equal_the_deep_figures(backend, cli):
-    engine = _migrated(backend, memories=80, entities=30)
+def test_stats_from_the_queue_equal_the_deep_figures(sql_backend, cli):
+    engine = _migrated(sql_backend, memories=80, entities=30)
     with FakeOpenAI() as server:
-        _up(backend, server, cli=cli)
+        _up(sql_backend, server, cli=cli)
     embedded = "id IN (SELECT row_id FROM backfill_embeddings WHERE target = '{}')"
     entity = _ids(engine, "entities", embedded.format("entities"), 1)[0]
     rows = _ids(engine, "memories", embedded.format("memories"), 2)
@@ -160,12 +160,13 @@ def test_stats_from_the_queue_equal_the_deep_figures(backend, cli):
           f"UPDATE entities SET name = name || ' renamed' WHERE id = {entity}")
     _insert_memory(engine, "no vector yet")
     _insert_memory(engine, "vector of its own", json.dumps([0.5] * DIMS))
-    fast, deep = _stats(backend, cli), _stats(backend, cli, "--deep")
+    fast, deep = _stats(sql_backend, cli), _stats(sql_backend, cli, "--deep")
     assert fast == deep
     memories = fast["tables"]["memories"]
     assert (memories["missing"], memories["malformed"], memories["stale_reasons"]["text"]) == (3, 1, 2)
     assert fast["tables"]["entities"]["stale_reasons"]["text"] == 1
-    assert _stats(backend, cli, "-u", "alice@example.com") == _stats(backend, cli, "-u", "alice@example.com", "--deep")
+    alice = ("-u", "alice@example.com")
+    assert _stats(sql_backend, cli, *alice) == _stats(sql_backend, cli, *alice, "--deep")
 
 
 def test_downgrade_drops_the_queue_and_its_triggers(backend):

@@ -134,13 +134,13 @@ def _failures(engine: sa.Engine, kind: str) -> list[tuple]:
             f"SELECT target, row_id, attempts FROM backfill_failures WHERE kind = '{kind}'")]
 
 
-def test_follow_embeds_inserts_and_edits_then_a_sigterm_ends_it_cleanly(backend, cli):
-    engine = backend.engine()
+def test_follow_embeds_inserts_and_edits_then_a_sigterm_ends_it_cleanly(sql_backend, cli):
+    engine = sql_backend.engine()
     build(engine, memories=80, entities=20)
     backlog = needing(engine)
     assert backlog
     with FakeOpenAI() as server:
-        env = env_for(server, backend.url)
+        env = env_for(server, sql_backend.url)
         follower = Follower(env)
         try:
             follower.wait_for("follow_waiting")
