@@ -28,7 +28,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any
 
@@ -392,41 +392,48 @@ class Runner(JobRun):
                 result.failures[item.row_id] = error or "unknown error"
         result.live_tokens += used
 
-    def _land(self, spec: tables.Spec, result: PageResult, queued: Future) -> None:
-        """Commit the vectors of a page's requests that have answered, each as it lands, before the page
-        itself: a kill then repeats only the requests still on the wire. The selection (rows still needing a
+    def _land(self, spec: tables.Spec, pages: Iterable[tuple[Any, PageResult, Future]]) -> None:
+        """Commit the vectors of the requests that have answered, in every page in flight, together and before
+        their pages: a kill then repeats only the requests still on the wire. The selection (rows still needing a
         vector) is the truth and the cursor a hint: it moves when the whole page is settled (`_commit_next`).
         Not with --reembed-all, which selects rows whether or not they hold a vector. Failures, skips and
         copies wait for the page's own commit, so a stop part-way records them once (partial.py)."""
-        if self.options.reembed_all or not queued.done():
+        if self.options.reembed_all:
             return
-        for fut in queued.result():
-            if fut in result.landed_requests or not fut.done() or fut.cancelled() or fut.exception() is not None:
+        parts: list[tuple[PageResult, PageResult]] = []  # (page, the part of it that landed)
+        for _rows, result, queued in pages:
+            if not queued.done():
                 continue
-            part = PageResult()
-            self._gather(part, fut)
-            result.landed_requests.add(fut)
-            result.failures.update(part.failures)
-            result.abandoned |= part.abandoned
-            result.vectors.update(part.vectors)  # kept: copies of these texts take them when the page settles
-            result.encoded.update(part.encoded)
-            result.live += part.live
-            result.live_tokens += part.live_tokens
-            if not part.vectors:  # nothing to write: its tokens and failures commit with the page
-                result.tokens += part.tokens
-                result.requests += part.requests
-                continue
-            part.failures, part.abandoned = {}, set()
-            part.hashes = {rid: result.hashes[rid] for rid in part.vectors}
-            self.committer.commit([(spec, part)], selected=len(part.vectors))
-            result.landed.append(part)
+            for fut in queued.result():
+                if fut in result.landed_requests or not fut.done() or fut.cancelled() or fut.exception() is not None:
+                    continue
+                part = PageResult()
+                self._gather(part, fut)
+                result.landed_requests.add(fut)
+                result.failures.update(part.failures)
+                result.abandoned |= part.abandoned
+                result.vectors.update(part.vectors)  # kept: copies of these texts take them when the page settles
+                result.encoded.update(part.encoded)
+                result.live += part.live
+                result.live_tokens += part.live_tokens
+                if not part.vectors:  # nothing to write: its tokens and failures commit with the page
+                    result.tokens += part.tokens
+                    result.requests += part.requests
+                    continue
+                part.failures, part.abandoned = {}, set()
+                part.hashes = {rid: result.hashes[rid] for rid in part.vectors}
+                parts.append((result, part))
+        if parts:
+            self.committer.commit([(spec, part) for _page, part in parts],
+                                  selected=sum(len(part.vectors) for _page, part in parts))
+            for page, part in parts:
+                page.landed.append(part)
 
     def _await_head(self, spec: tables.Spec, inflight: deque) -> None:
         """Wait until the oldest page's requests are done, committing every answer of every page in flight
         as it lands; the lease is renewed while nothing lands."""
         while True:
-            for _rows, result, queued in inflight:
-                self._land(spec, result, queued)
+            self._land(spec, inflight)
             if self._page_done(inflight[0][2]):
                 return
             pending = [f for _r, _res, q in inflight if q.done() for f in q.result() if not f.done()]
@@ -472,8 +479,7 @@ class Runner(JobRun):
                 inflight: deque[tuple[list[sa.Row], PageResult, Future]] = deque()
                 for rows, prepared in self._prepared_pages(prep, spec, cursors.get(spec.name, 0)):
                     inflight.append((rows, *self._submit(pool, spec, rows, prepared)))
-                    for _rows, result, queued in inflight:  # answers that landed meanwhile commit now
-                        self._land(spec, result, queued)
+                    self._land(spec, inflight)  # answers that landed meanwhile commit now
                     # commit every finished page at the head, and the oldest once the pipeline is full
                     while inflight and (len(inflight) >= PIPELINE_PAGES or self._page_done(inflight[0][2])):
                         self._commit_next(spec, inflight, cursors)
