@@ -15,6 +15,7 @@ from __future__ import annotations
 import random
 import re
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -172,12 +173,22 @@ def engine_for(target: Database, *, must_exist: bool = True) -> Engine:
         kwargs["connect_args"] = {"connect_timeout": 10}
         kwargs["pool_pre_ping"] = True
     engine = sa.create_engine(target.url, **kwargs)
+    _engines.add(engine)
     if target.kind == "sqlite":
         _sqlite_pragmas(engine)
     elif target.kind == "libsql":
         _busy_timeout(engine)
     _discard_broken_connections(engine)
     return engine
+
+
+_engines: weakref.WeakSet[Engine] = weakref.WeakSet()  # every engine made here, for close_all
+
+
+def close_all() -> None:
+    """Close the pooled connections of every engine still alive (before a process leaves by os._exit)."""
+    for engine in list(_engines):
+        engine.dispose()
 
 
 def _sqlite_pragmas(engine: Engine) -> None:

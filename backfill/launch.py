@@ -5,7 +5,9 @@ before the one piece of DDL a run may issue (`--vector-column`), which comes las
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
+from functools import cached_property
 from types import SimpleNamespace
 from typing import Any
 
@@ -76,14 +78,18 @@ def run(settings: Settings, req: RunRequest, engine: Engine, database_kind: str)
         user_id = coverage.user_id_for(conn, req.user_email) if req.user_email else None
     for spec in tables.specs_for(req.target):  # change queue: seeded once (or --full-scan), then settled
         changes.refresh(engine, spec, _identity(req)[2], full_scan=bool(req.extra.get("full_scan")))
-    if req.follow:
-        _require_queue(engine, req)
-    _refuse_mixing(engine, req, user_id)  # before "nothing to do": another model in the column is refused
-    if not req.adopt_existing and not req.follow and _nothing_to_do(engine, req, user_id):
+    with engine.connect() as conn:
+        if req.follow:
+            _require_queue(conn, req)
+        found = _Found(conn, req, user_id)
+        _refuse_mixing(conn, req, user_id, found)  # before "nothing to do": another model in the column is refused
+        idle = not req.adopt_existing and not req.follow and _nothing_to_do(conn, req, user_id, found)
+    if idle:
         report.nothing("nothing to embed: every row in scope has its embedding (no job recorded)",
                        target=req.target, user_email=req.user_email)
         return 0
     provider = req.extra.pop("provider", None) or build_provider(settings, req)
+    warming = req.extra.pop("warm", None)
     req.model = provider.model
     options = run_options(req, user_id, settings.openai_base_url)
     if req.max_cost is not None:
@@ -98,15 +104,16 @@ def run(settings: Settings, req: RunRequest, engine: Engine, database_kind: str)
         report.say(f"added column {name}.{req.vector_column} F32_BLOB({provider.dimensions})")
     if req.adopt_existing:
         _adopt(engine, job, provider, req, user_id)
+    if warming is not None:
+        warming.join()
     return drive.drive(settings, engine, job, provider, req, options,
                        runner_class=drive.batch_runner(settings, job, req))
 
 
-def _require_queue(engine: Engine, req: RunRequest) -> None:
-    with engine.connect() as conn:
-        if not all(changes.seeded(conn, spec) for spec in tables.specs_for(req.target)):
-            raise ConfigError("--follow reads the change queue, which this database lacks: run `backfill migrate` "
-                              "(or `backfill up --follow`)")
+def _require_queue(conn: Connection, req: RunRequest) -> None:
+    if not all(changes.seeded(conn, spec) for spec in tables.specs_for(req.target)):
+        raise ConfigError("--follow reads the change queue, which this database lacks: run `backfill migrate` "
+                          "(or `backfill up --follow`)")
 
 
 def _adopt(engine: Engine, job: jobs.Job, provider: Provider, req: RunRequest, user_id: str | None) -> None:
@@ -131,63 +138,86 @@ def _identity(req: RunRequest) -> tuple[str, str, int]:
     return req.provider, model, dims
 
 
-def _open_job(engine: Engine, req: RunRequest, user_id: str | None) -> jobs.Job | None:
-    if not sa.inspect(engine).has_table("backfill_jobs"):
-        return None
-    name, model, dims = _identity(req)
-    with engine.connect() as conn:
-        return jobs.find_open(conn, jobs.JobKey("run", req.target, user_id, name, model, dims, req.recipe))
+class _Found:
+    """What the checks before a job read once, on one connection, when first asked: the open job with these
+    parameters (if any) and the tables whose `embedding` column `migrate` has yet to add (a database the
+    server's startup alone made)."""
+
+    def __init__(self, conn: Connection, req: RunRequest, user_id: str | None) -> None:
+        self.conn, self.req, self.user_id = conn, req, user_id
+
+    @cached_property
+    def job(self) -> jobs.Job | None:
+        if not sa.inspect(self.conn).has_table("backfill_jobs"):
+            return None
+        name, model, dims = _identity(self.req)
+        key = jobs.JobKey("run", self.req.target, self.user_id, name, model, dims, self.req.recipe)
+        return jobs.find_open(self.conn, key)
+
+    @cached_property
+    def columnless(self) -> set[str]:
+        return {table for table, _column in adoption.missing_added_columns(self.conn)}
 
 
-def _columnless(engine: Engine) -> set[str]:
-    """Tables whose `embedding` column `migrate` has yet to add (a database the server's startup alone made)."""
-    with engine.connect() as conn:
-        return {table for table, _column in adoption.missing_added_columns(conn)}
-
-
-def _refuse_mixing(engine: Engine, req: RunRequest, user_id: str | None) -> None:
+def _refuse_mixing(conn: Connection, req: RunRequest, user_id: str | None, found: _Found) -> None:
     """One model per column (changes.ensure_compatible), asked without a key; `run` asks again under
     the job lock."""
-    if req.reembed_all or req.reembed_stale or _open_job(engine, req, user_id) is not None:
+    if req.reembed_all or req.reembed_stale or found.job is not None:
         return
     _name, model, dims = _identity(req)
-    columnless = _columnless(engine)  # no column yet: no vector in it to mix with
-    with engine.connect() as conn:
-        for spec in (s for s in tables.specs_for(req.target) if s.name not in columnless):
-            changes.ensure_compatible(conn, spec, SimpleNamespace(model=model, dimensions=dims), user_id)
+    for spec in (s for s in tables.specs_for(req.target) if s.name not in found.columnless):
+        changes.ensure_compatible(conn, spec, SimpleNamespace(model=model, dimensions=dims), user_id)
 
 
-def _nothing_to_do(engine: Engine, req: RunRequest, user_id: str | None) -> bool:
+def _nothing_to_do(conn: Connection, req: RunRequest, user_id: str | None, found: _Found) -> bool:
     """No open job for these parameters and no row in scope that needs (or, with --reembed-*, deserves)
     a vector: then no key is needed and no job row is recorded."""
     _name, model, dims = _identity(req)
-    if _open_job(engine, req, user_id) is not None:
+    if found.job is not None:
         return False
-    columnless = _columnless(engine)
-    if any(spec.name in columnless for spec in tables.specs_for(req.target)):
+    if any(spec.name in found.columnless for spec in tables.specs_for(req.target)):
         return False  # a table without its embedding column yet: every row of it will need one
-    inspector = sa.inspect(engine)
-    opts = RunOptions(target=req.target, user_id=user_id, reembed_all=req.reembed_all,
-                      reembed_stale=req.reembed_stale and inspector.has_table("backfill_embeddings"),
+    stale_ok = req.reembed_stale and sa.inspect(conn).has_table("backfill_embeddings")
+    opts = RunOptions(target=req.target, user_id=user_id, reembed_all=req.reembed_all, reembed_stale=stale_ok,
                       model=model, recipe=req.recipe)
-    with engine.connect() as conn:
-        return not any(sources.remaining(conn, spec, dims, opts, 0) for spec in tables.specs_for(req.target))
+    return not any(sources.remaining(conn, spec, dims, opts, 0) for spec in tables.specs_for(req.target))
 
 
 def preflight(settings: Settings, req: RunRequest, engine: Engine) -> None:
     """`up`, on a database that exists: the user, the key and provider, one model per column, checked before
     `migrate` writes anything (the flags and the backend are checked by the caller)."""
-    if not sa.inspect(engine).has_table("memories"):
-        return  # empty or foreign: `migrate` decides; nothing to embed here either
     with engine.connect() as conn:
+        if not sa.inspect(conn).has_table("memories"):
+            return  # empty or foreign: `migrate` decides; nothing to embed here either
         if adoption.problems(conn):
             return  # a needed column is missing or unusable: `migrate` (or `verify`) refuses, naming it
-    with engine.connect() as conn:
         user_id = coverage.user_id_for(conn, req.user_email) if req.user_email else None
-    _refuse_mixing(engine, req, user_id)
-    if not req.adopt_existing and not req.follow and _nothing_to_do(engine, req, user_id) and not (
-            req.extra.get("full_scan") and changes.missed(engine, tables.specs_for(req.target))):
+        found = _Found(conn, req, user_id)
+        _refuse_mixing(conn, req, user_id, found)
+        idle = not req.adopt_existing and not req.follow and _nothing_to_do(conn, req, user_id, found)
+    if idle and not (req.extra.get("full_scan") and changes.missed(engine, tables.specs_for(req.target))):
         return  # nothing to embed: no key needed, and no provider built (the SDK and tokenizer take ~1.5 s)
     if req.provider == "openai" and not settings.openai_api_key:
         build_provider(settings, req)  # the missing-key refusal, before anything is written
     req.extra["provider"] = req.extra.get("provider") or build_provider(settings, req)
+    warm(req)
+
+
+def warm(req: RunRequest) -> None:
+    """Load on a thread, while `migrate`, `verify` and the checks before the job run, what the first request
+    needs: the provider's tokenizer (tiktoken's cl100k_base: ~0.2 s) and numpy, which the OpenAI SDK imports
+    to decode its first answer (~0.15 s). `run` waits for it before the job's first page."""
+    provider = req.extra.get("provider")
+    if provider is None or "warm" in req.extra:
+        return
+
+    def load() -> None:
+        try:
+            provider.fit("")
+            if provider.name == "openai":
+                import numpy  # noqa: F401
+        except Exception:  # noqa: S110 - the first page's own calls report it
+            pass
+
+    req.extra["warm"] = thread = threading.Thread(target=load, name="warm-tokenizer", daemon=True)
+    thread.start()

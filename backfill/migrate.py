@@ -67,6 +67,11 @@ def include_object(obj, name, type_, reflected, compare_to):  # noqa: ANN001 - A
     return True
 
 
+def include_name(name, type_, parent_names):  # noqa: ANN001 - Alembic's hook signature
+    """Reflect only the tool's own tables (the others are left out by `include_object` anyway)."""
+    return type_ != "table" or name in OWN_TABLE_NAMES
+
+
 def _describe(diff) -> str:  # noqa: ANN001 - Alembic's diff tuples
     if isinstance(diff, list):
         return "; ".join(_describe(d) for d in diff)
@@ -106,7 +111,8 @@ def _pk_nullability(diff) -> bool:  # noqa: ANN001
 
 
 def _own_table_differences(conn: Connection) -> list[str]:
-    ctx = MigrationContext.configure(conn, opts={"include_object": include_object, "compare_type": True})
+    ctx = MigrationContext.configure(conn, opts={"include_name": include_name, "include_object": include_object,
+                                                 "compare_type": True})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         diffs = [d for d in compare_metadata(ctx, metadata) if not _pk_nullability(d)]
@@ -125,13 +131,14 @@ def _repair_own_objects(conn: Connection) -> list[str]:
     inspector = sa.inspect(conn)
     present = set(inspector.get_table_names())
     repaired = [t.name for t in own if t.name not in present]
-    metadata.create_all(conn, tables=own, checkfirst=True)
-    for table in own:
-        if table.name in repaired:
-            continue
-        have = {i["name"] for i in inspector.get_indexes(table.name)}
+    if repaired:
+        metadata.create_all(conn, tables=[t for t in own if t.name in repaired], checkfirst=True)
+    kept = [t for t in own if t.name not in repaired]
+    indexes = inspector.get_multi_indexes(filter_names=[t.name for t in kept]) if kept else {}
+    have = {(table, i["name"]) for (_schema, table), found in indexes.items() for i in found}
+    for table in kept:
         for index in table.indexes:
-            if index.name not in have:
+            if (table.name, index.name) not in have:
                 index.create(conn)
                 repaired.append(str(index.name))
     return repaired

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
@@ -12,6 +15,23 @@ from backfill.config import Settings
 from backfill.errors import ConfigError, SchemaDrift
 
 _opened: dict[str, db.Database] = {}  # the database this command opened, named by environment errors
+_shared: dict[str, Engine] = {}  # inside `one_engine()`: the engine each step of `up` opens, by URL
+_sharing: list[bool] = []
+
+
+@contextmanager
+def one_engine() -> Iterator[None]:
+    """`up`: its steps (migrate, verify, run, stats) open the database through one engine, probed once,
+    with one pool and one statement cache; disposed at the end."""
+    _sharing.append(True)
+    try:
+        yield
+    finally:
+        _sharing.pop()
+        if not _sharing:
+            for engine in _shared.values():
+                engine.dispose()
+            _shared.clear()
 
 
 def open_database(settings: Settings, *, must_exist: bool = True,
@@ -21,8 +41,13 @@ def open_database(settings: Settings, *, must_exist: bool = True,
     target = db.resolve(settings.database_url, settings.auth_token)
     _opened["target"] = target
     report.tell_source(target.display)
-    engine = db.engine_for(target, must_exist=must_exist)
-    db.probe(engine, target, settings)
+    key = target.url.render_as_string(hide_password=False)
+    engine = _shared.get(key) if _sharing else None
+    if engine is None:
+        engine = db.engine_for(target, must_exist=must_exist)
+        db.probe(engine, target, settings)
+        if _sharing:
+            _shared[key] = engine
     if data_tables:
         require_data_tables(engine, target)
     return target, engine

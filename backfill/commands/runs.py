@@ -6,9 +6,9 @@ from __future__ import annotations
 import sqlalchemy as sa
 
 from backfill import db, drive, jobs, launch, report, vectors
-from backfill.commands.budget import plan
 from backfill.commands.database import (
     migrate,
+    one_engine,
     open_database,
     require_tables,
     stats,
@@ -89,16 +89,19 @@ def up(settings: Settings, req: RunRequest) -> int:
     -> stats; stops at the first failing step. Every flag, the key and the provider are checked before
     `migrate` touches anything."""
     if req.extra.get("dry_run") and not req.follow:
+        from backfill.commands.budget import plan
+
         return plan(settings, req)
     req = resolve_provider(settings, req)
     validate(req)
-    _preflight(settings, req)
-    migrate(settings)
-    verify(settings)
-    try:
-        run(settings, req)
-    except RowsFailed as exc:
+    with one_engine():
+        _preflight(settings, req)
+        migrate(settings)
+        verify(settings)
+        try:
+            run(settings, req)
+        except RowsFailed as exc:
+            stats(settings, user_email=req.user_email)
+            raise exc
         stats(settings, user_email=req.user_email)
-        raise exc
-    stats(settings, user_email=req.user_email)
     return 0
