@@ -17,6 +17,7 @@ import pytest
 import sqlalchemy as sa
 
 from backfill.db import engine_for, resolve
+from support import cli_fork
 
 ROOT = Path(__file__).resolve().parent.parent
 BACKENDS = ["sqlite", "libsql", "postgresql"]
@@ -123,10 +124,13 @@ class Result:
 
 
 def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None, timeout: float = 300) -> Result:
-    """The real CLI in a subprocess (a pipe, so JSON lines unless --log-format human)."""
+    """The real CLI in a subprocess (a pipe, so JSON lines unless --log-format human); forked from a
+    server with its modules imported (support.cli_fork) unless BACKFILL_TEST_EXEC=1."""
     full_env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "TURSO_URL", "TURSO_AUTH_TOKEN",
                                                                  "OPENAI_API_KEY", "OPENAI_BASE_URL")}
     full_env.update(env or {})
+    if cli_fork.enabled():
+        return Result(*cli_fork.run(list(args), full_env, str(cwd or ROOT), timeout))
     proc = subprocess.run(
         [sys.executable, "-m", "backfill", *args],
         capture_output=True, text=True, env=full_env, cwd=cwd or ROOT, timeout=timeout,
