@@ -23,7 +23,9 @@ import tempfile
 import threading
 from pathlib import Path
 
-PRELOAD = ("backfill.cli", "backfill.commands", "backfill.batch_api")
+# what `up` imports (python -X importtime -m backfill up ...); names a version lacks are skipped
+PRELOAD = ("backfill.cli", "backfill.commands", "backfill.batch_api", "backfill.compat", "typer._adapters", "numpy",
+           "sqlite3", "encodings.idna", "h11", "anyio", "httpcore2", "truststore")
 _STATUS = struct.Struct("!ii")  # (pid, 0) once forked, then (0, wait status)
 
 
@@ -83,7 +85,13 @@ def _serve(path: str) -> None:
     import signal
 
     for name in PRELOAD:
-        importlib.import_module(name)
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            pass
+    from backfill import tokens
+
+    tokens.encoding()  # the tokenizer's tables, loaded once rather than in every run
     assert threading.active_count() == 1, "the fork server must not run threads"
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # middle processes are reaped by the kernel
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
