@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BACKENDS = ["sqlite", "libsql", "postgresql"]
 ENGINE_BACKENDS = ["sqlite", "libsql", "postgresql", "remote-libsql"]
 _SERVERS: list = []  # remote-libsql servers started by the current test, stopped after it
+SERVED_FILES: dict[int, Path] = {}  # port of a loopback libSQL server started here -> the file it serves
 
 
 @dataclass
@@ -68,6 +69,7 @@ def make_backend(name: str, tmp_path: Path) -> Backend:
         path = tmp_path / "memory-remote.db"
         server = LibsqlServer(str(path), idle_timeout=10.0).start()  # sqld expires idle streams after ~10 s
         _SERVERS.append(server)
+        SERVED_FILES[server.port] = path
         return Backend(name, server.url, path, server)
     base = _pg_url()
     if not base:
@@ -85,6 +87,7 @@ def make_backend(name: str, tmp_path: Path) -> Backend:
 @pytest.fixture(autouse=True)
 def _stop_libsql_servers():
     yield
+    SERVED_FILES.clear()
     while _SERVERS:
         _SERVERS.pop().stop()
 
