@@ -69,6 +69,7 @@ def make_backend(name: str, tmp_path: Path) -> Backend:
         path = tmp_path / "memory-remote.db"
         server = LibsqlServer(str(path), idle_timeout=10.0).start()  # sqld expires idle streams after ~10 s
         _SERVERS.append(server)
+        assert server.port is not None
         SERVED_FILES[server.port] = path
         return Backend(name, server.url, path, server)
     base = _pg_url()

@@ -15,6 +15,7 @@ import atexit
 import json
 import locale
 import os
+import select
 import socket
 import struct
 import subprocess
@@ -99,6 +100,11 @@ def _serve(path: str) -> None:
     listener.listen(64)
     print("ready", flush=True)
     while True:
+        ready, _, _ = select.select([listener.fileno(), 0], [], [])
+        if 0 in ready and not os.read(0, 1):  # the test process is gone (its end of our stdin closed)
+            os._exit(0)
+        if listener.fileno() not in ready:
+            continue
         conn, _ = listener.accept()
         if os.fork() == 0:  # the middle process: fork the CLI, report its pid and wait status
             listener.close()
@@ -128,7 +134,7 @@ class _Server:
         env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH", "")])
         self.proc = subprocess.Popen(
             [sys.executable, "-c", f"from support.cli_fork import _serve; _serve({self.path!r})"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, env=env, text=True)
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True)  # stdin: closed when we exit
         assert self.proc.stdout is not None
         if self.proc.stdout.readline().strip() != "ready":
             raise RuntimeError("the CLI fork server did not start")
