@@ -28,6 +28,7 @@ from pathlib import Path
 PRELOAD = ("backfill.cli", "backfill.commands", "backfill.batch_api", "backfill.compat", "typer._adapters", "numpy",
            "sqlite3", "encodings.idna", "h11", "anyio", "httpcore2", "truststore")
 _STATUS = struct.Struct("!ii")  # (pid, 0) once forked, then (0, wait status)
+_TESTS = str(Path(__file__).resolve().parent.parent)  # on the server's path only to import this module
 
 
 # --- the server (runs in its own interpreter) -------------------------------------------------------------
@@ -93,6 +94,7 @@ def _serve(path: str) -> None:
     from backfill import tokens
 
     tokens.encoding()  # the tokenizer's tables, loaded once rather than in every run
+    sys.path[:] = [p for p in sys.path if p != _TESTS]  # the CLI sees the path `python -m` gives it
     assert threading.active_count() == 1, "the fork server must not run threads"
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # middle processes are reaped by the kernel
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -131,7 +133,7 @@ class _Server:
         self.dir = tempfile.mkdtemp(prefix="backfill-cli-")
         self.path = os.path.join(self.dir, "s")
         env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "TURSO_", "DATABASE_URL"))}
-        env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH", "")])
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (_TESTS, env.get("PYTHONPATH")) if p)
         self.proc = subprocess.Popen(
             [sys.executable, "-c", f"from support.cli_fork import _serve; _serve({self.path!r})"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True)  # stdin: closed when we exit
