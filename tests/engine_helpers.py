@@ -23,7 +23,15 @@ OTHER_COLUMNS = {
 
 
 def build(engine: sa.Engine, memories: int, entities: int, seed: int = 7) -> None:
-    sample.build(engine, sample.SampleSpec(memories=memories, entities=entities, dimensions=DIMS, seed=seed))
+    """A sample database. Behind a loopback libSQL server it is written straight into the served file
+    (the same SQLite file; over the wire each insert is a round trip and the setup took most of a test)."""
+    from conftest import SERVED_FILES
+
+    served = SERVED_FILES.get(engine.url.port or 0) if engine.url.drivername == "sqlite+libsql" else None
+    target = sa.create_engine(f"sqlite:///{served}") if served else engine
+    sample.build(target, sample.SampleSpec(memories=memories, entities=entities, dimensions=DIMS, seed=seed))
+    if served:
+        target.dispose()
 
 
 def poison(engine: sa.Engine, limit: int) -> list[int]:

