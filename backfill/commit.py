@@ -6,15 +6,6 @@ Everything is prepared first (stored texts, failure rows); the transaction then 
 checks each row is still the one embedded (writer.current), writes, and commits: the lock is held for
 those statements alone, so the server's own writes beside a job wait milliseconds, not a page.
 
-On the SQLite family the write lock is one for the whole file, and SQLite's busy handler is not fair: a
-writer waiting for it polls (every 100 ms once it has waited a while) and gets in only if the lock is free at
-that moment. A job that commits back to back can hold it most of the time, and under load nearly all of it,
-so a server's write could wait out its busy timeout (measured beside `up -b 20` on libSQL: the lock held
-~65 % of the time, a server write waiting 0.3-0.7 s; under CI load, two of 193 writes failed after 5 s).
-So after each commit the next one waits until the lock has been free for half as long as it was held
-(`FAIR_SHARE`): the lock is free at least a third of the time, and a polling writer gets in within a few
-polls. Answers that land meanwhile commit together (runner.Runner._land), so rows/s is barely touched.
-
 The transaction runs through `db.retrying`: a locked database or a dropped connection is retried whole,
 and a commit whose answer was lost is not done twice: each commit adds exactly one to the job's page
 counter (`backfill_jobs.batches`), which `jobs.batch_landed` reads before a retry.
@@ -36,8 +27,6 @@ from backfill.writer import current, encode_vector, record_provenance, write_vec
 
 Part = tuple[tables.Spec, PageResult]
 
-FAIR_SHARE = 0.5  # SQLite family: after a commit, the write lock stays free for this share of the time it was held
-
 
 class Committer:
     """Commits a job's pages; holds what a commit needs between pages (the page counter, the elapsed
@@ -56,8 +45,6 @@ class Committer:
         self.elapsed_committed = 0.0  # seconds of this run already added to the job's elapsed_s
         self._pages: int | None = None  # the job's page counter as of our last commit (jobs.batch_landed)
         self._mirrors: dict[str, list[vectors.Mirror]] = {}
-        self._one_lock = engine.dialect.name == "sqlite"  # one write lock for the whole file (libSQL too)
-        self._free_until = 0.0  # monotonic time before which our next commit leaves the write lock to others
 
     def cost(self, tokens: int) -> float:
         return tokens * self.price_per_mtok / 1_000_000
@@ -86,11 +73,8 @@ class Committer:
             deltas.update(selected=selected, failed=sum(len(r.failures) for _s, r in parts),
                           skipped=sum(len(r.skipped) for _s, r in parts))
 
-        locked = [0.0]
-
         def _write(conn: Connection) -> None:  # one transaction; retried whole on a locked/dropped database
             db.lock_for_write(conn)
-            locked[0] = time.monotonic()
             if also is not None:
                 also(conn)
             embedded = resolved = 0
@@ -120,19 +104,9 @@ class Committer:
 
         if self._pages is None:
             self._pages = db.retrying(self.engine, lambda conn: jobs.batches(conn, self.job_id), write=False)
-        self._wait_turn()
         db.retrying(self.engine, _write, landed=jobs.batch_landed(self.job_id, self._pages))
         self._pages += 1
-        if self._one_lock and locked[0]:
-            end = time.monotonic()
-            self._free_until = end + FAIR_SHARE * (end - locked[0])
         self.elapsed_committed = now
-
-    def _wait_turn(self) -> None:
-        """Leave the write lock to the server's writers for a while after our last commit (module doc)."""
-        pause = self._free_until - time.monotonic()
-        if pause > 0:
-            time.sleep(pause)
 
     def _prepare(self, spec: tables.Spec, result: PageResult) -> tuple[dict[int, str], dict[int, str], Any,
                                                                         list[dict[str, Any]]]:

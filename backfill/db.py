@@ -26,6 +26,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.pool import QueuePool
 
+from backfill import lockwait
 from backfill.config import Secret, Settings
 from backfill.errors import ConfigError, EnvironmentProblem
 
@@ -203,13 +204,12 @@ def _sqlite_pragmas(engine: Engine) -> None:
 
 
 def _busy_timeout(engine: Engine) -> None:
-    """An embedded libSQL file waits for another process's write lock instead of failing at once
-    with "database is locked" (the driver sets no busy timeout of its own)."""
-    @sa.event.listens_for(engine, "connect")
-    def _on_connect(dbapi_conn, _record):  # noqa: ANN001
-        cur = dbapi_conn.cursor()
-        cur.execute("PRAGMA busy_timeout = 30000")
-        cur.close()
+    """An embedded libSQL file waits for another process's write lock instead of failing at once with
+    "database is locked": in Python, with the other threads running (lockwait.py: the driver's own busy
+    timeout keeps the GIL)."""
+    @sa.event.listens_for(engine, "do_connect")
+    def _connect(dialect, _record, cargs, cparams):  # noqa: ANN001, ANN202
+        return lockwait.Connection(dialect.loaded_dbapi.connect(*cargs, **cparams))
 
 
 def _lenient_text(raw: bytes) -> str:
