@@ -185,10 +185,11 @@ class Runner(JobRun):
         result = PageResult()
         return result, self._items(spec, rows, result)
 
-    def _prepared_pages(self, prep: ThreadPoolExecutor, spec: tables.Spec,
-                        cursor: int) -> Iterator[tuple[list[sa.Row], tuple[PageResult, list[Item]]]]:
+    def _prepared_pages(self, prep: ThreadPoolExecutor, spec: tables.Spec, cursor: int,
+                        inflight: deque) -> Iterator[tuple[list[sa.Row], tuple[PageResult, list[Item]]]]:
         """`_pages`, each page read and its items made (recipe, tokens, hashes) on the prepare thread, one
-        page ahead: that Python work overlaps the writer's statements, which release the GIL (writer.py)."""
+        page ahead: that Python work overlaps the writer's statements, which release the GIL (writer.py).
+        While the next page is made, answers of the pages in flight commit as they land (`_land_until`)."""
         pages = self._pages(spec, cursor)
 
         def step() -> tuple[list[sa.Row], tuple[PageResult, list[Item]]] | None:
@@ -196,7 +197,7 @@ class Runner(JobRun):
             return None if rows is None else (rows, self._prepare(spec, rows))
 
         ahead = prep.submit(step)
-        while (staged := ahead.result()) is not None:
+        while (staged := self._land_until(spec, inflight, ahead).result()) is not None:
             if self.stop.halts_new_pages:  # read before the stop, never sent: a resume reads it again
                 return
             ahead = prep.submit(step)
@@ -429,6 +430,17 @@ class Runner(JobRun):
             for page, part in parts:
                 page.landed.append(part)
 
+    def _land_until(self, spec: tables.Spec, inflight: deque, fut: Future) -> Future:
+        """Wait for `fut`, committing the answers of the pages in flight as they land meanwhile: an answer
+        does not wait for the next page to be made before it commits (a kill would send it again)."""
+        while not fut.done():
+            self._land(spec, inflight)
+            pending = [f for _r, _res, q in inflight if q.done() for f in q.result() if not f.done()]
+            done, _ = wait([fut, *pending], timeout=15, return_when=FIRST_COMPLETED)
+            if not done:
+                self._heartbeat()
+        return fut
+
     def _await_head(self, spec: tables.Spec, inflight: deque) -> None:
         """Wait until the oldest page's requests are done, committing every answer of every page in flight
         as it lands; the lease is renewed while nothing lands."""
@@ -477,7 +489,7 @@ class Runner(JobRun):
         try:
             for spec in tables.specs_for(self.job.target):
                 inflight: deque[tuple[list[sa.Row], PageResult, Future]] = deque()
-                for rows, prepared in self._prepared_pages(prep, spec, cursors.get(spec.name, 0)):
+                for rows, prepared in self._prepared_pages(prep, spec, cursors.get(spec.name, 0), inflight):
                     inflight.append((rows, *self._submit(pool, spec, rows, prepared)))
                     self._land(spec, inflight)  # answers that landed meanwhile commit now
                     # commit every finished page at the head, and the oldest once the pipeline is full
