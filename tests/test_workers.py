@@ -86,6 +86,9 @@ def test_a_frozen_workers_lease_expires_and_the_next_worker_resumes_from_the_che
                 conn.execute(sa.text("UPDATE backfill_jobs SET lease_expires_at = '2000-01-01T00:00:00.000+00:00'"))
             committed = {(t, i) for t in ("memories",) for i, e in embeddings(engine, t).items() if is_vector(e)} & todo
             checkpoint = _jobs(engine)[0]
+            # the frozen worker's request on the wire is still served, and logged, after its 300 ms: let it
+            # land before the log restarts, or its inputs count as the new worker's
+            _until_quiet(server)
             server.reset_log()
             server.configure(latency_ms=0)
             taken = cli("resume", env=env)
@@ -105,3 +108,13 @@ def test_a_frozen_workers_lease_expires_and_the_next_worker_resumes_from_the_che
     with engine.connect() as conn:
         written = conn.execute(sa.text("SELECT count(*) FROM backfill_embeddings")).scalar()
     assert final["embedded"] == written == len(todo)  # nothing counted twice
+
+
+def _until_quiet(server, quiet_s: float = 1.0, limit_s: float = 15.0) -> None:  # noqa: ANN001
+    """Wait until the fake server has logged no request for `quiet_s` (at most `limit_s`)."""
+    end = time.monotonic() + limit_s
+    seen, since = len(server.log), time.monotonic()
+    while time.monotonic() < end and time.monotonic() - since < quiet_s:
+        time.sleep(0.05)
+        if len(server.log) != seen:
+            seen, since = len(server.log), time.monotonic()
