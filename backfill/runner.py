@@ -197,7 +197,10 @@ class Runner(JobRun):
             return None if rows is None else (rows, self._prepare(spec, rows))
 
         ahead = prep.submit(step)
-        while (staged := self._land_until(spec, inflight, ahead).result()) is not None:
+        while True:
+            self._land_until(spec, inflight, ahead.done, also=ahead)
+            if (staged := ahead.result()) is None:
+                break
             if self.stop.halts_new_pages:  # read before the stop, never sent: a resume reads it again
                 return
             ahead = prep.submit(step)
@@ -430,26 +433,18 @@ class Runner(JobRun):
             for page, part in parts:
                 page.landed.append(part)
 
-    def _land_until(self, spec: tables.Spec, inflight: deque, fut: Future) -> Future:
-        """Wait for `fut`, committing the answers of the pages in flight as they land meanwhile: an answer
-        does not wait for the next page to be made before it commits (a kill would send it again)."""
-        while not fut.done():
-            self._land(spec, inflight)
-            pending = [f for _r, _res, q in inflight if q.done() for f in q.result() if not f.done()]
-            done, _ = wait([fut, *pending], timeout=15, return_when=FIRST_COMPLETED)
-            if not done:
-                self._heartbeat()
-        return fut
-
-    def _await_head(self, spec: tables.Spec, inflight: deque) -> None:
-        """Wait until the oldest page's requests are done, committing every answer of every page in flight
-        as it lands; the lease is renewed while nothing lands."""
+    def _land_until(self, spec: tables.Spec, inflight: deque, finished: Callable[[], bool],
+                    also: Future | None = None) -> None:
+        """Commit the answers of the pages in flight as they land until `finished()` (waiting on their requests
+        and on `also`): an answer waits neither for its page nor for the next page to be made before it commits
+        (a kill would send it again). The lease is renewed while nothing lands."""
         while True:
             self._land(spec, inflight)
-            if self._page_done(inflight[0][2]):
+            if finished():
                 return
-            pending = [f for _r, _res, q in inflight if q.done() for f in q.result() if not f.done()]
-            done, _ = wait(pending, timeout=15, return_when=FIRST_COMPLETED)
+            pending = [f for _r, _res, q in inflight for f in ([q] if not q.done() else q.result()) if not f.done()]
+            done, _ = wait([*pending, *([also] if also is not None else [])], timeout=15,
+                           return_when=FIRST_COMPLETED)
             if not done:
                 self._heartbeat()
 
@@ -514,7 +509,7 @@ class Runner(JobRun):
 
     def _commit_next(self, spec: tables.Spec, inflight: deque, cursors: dict[str, int]) -> None:
         """Commit the oldest page in flight: its rows are the next ones in key order."""
-        self._await_head(spec, inflight)
+        self._land_until(spec, inflight, lambda: self._page_done(inflight[0][2]))  # the oldest page's requests
         rows, result, prepared = inflight.popleft()
         self._collect(result, prepared)
         self._settle(result)
