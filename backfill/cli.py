@@ -310,7 +310,7 @@ def _job_command(action: str, doc: str) -> Callable[..., None]:
     def command(
         database_url: DatabaseUrl = None, provider: Provider = None, model: Model = None,
         dimensions: Dimensions = None, base_url: BaseUrl = None, target: Target = "all", user_email: UserEmail = None,
-        batch_size: BatchSize = 100, delay_ms: DelayMs = 0, concurrency: Concurrency = 4, limit: Limit = None,
+        batch_size: BatchSize = 50, delay_ms: DelayMs = 0, concurrency: Concurrency = 4, limit: Limit = None,
         max_runtime: MaxRuntime = None, recipe: Recipe = "mcp-memory-ts/1", reembed_all: ReembedAll = False,
         max_rpm: MaxRpm = None, max_tpm: MaxTpm = None, timeout: Timeout = 60.0, wait: Wait = False,
         log_format: LogFormat = Format.auto, mode: Mode = "sync", batch_file_lines: BatchFileLines = 50_000,
@@ -356,7 +356,7 @@ app.command("up", cls=FlagCommand)(_job_command("up", """The whole chain: migrat
 @app.command(cls=FlagCommand)
 def plan(
     database_url: DatabaseUrl = None, provider: Provider = None, model: Model = None, dimensions: Dimensions = None,
-    target: Target = "all", user_email: UserEmail = None, batch_size: BatchSize = 100, concurrency: Concurrency = 4,
+    target: Target = "all", user_email: UserEmail = None, batch_size: BatchSize = 50, concurrency: Concurrency = 4,
     limit: Limit = None, recipe: Recipe = "mcp-memory-ts/1", reembed_all: ReembedAll = False, max_rpm: MaxRpm = None,
     max_tpm: MaxTpm = None, price_per_mtok: PricePerMtok = None, max_cost: MaxCost = None, as_json: JsonFlag = False,
     log_format: LogFormat = Format.auto,
@@ -377,7 +377,7 @@ def plan(
 
 @app.command(cls=FlagCommand)
 def resume(
-    job: JobArg = None, database_url: DatabaseUrl = None, base_url: BaseUrl = None, batch_size: BatchSize = 100,
+    job: JobArg = None, database_url: DatabaseUrl = None, base_url: BaseUrl = None, batch_size: BatchSize = 50,
     delay_ms: DelayMs = 0, concurrency: Concurrency = 4, limit: Limit = None, max_runtime: MaxRuntime = None,
     max_rpm: MaxRpm = None, max_tpm: MaxTpm = None, timeout: Timeout = 60.0, wait: Wait = False,
     log_format: LogFormat = Format.auto, poll_interval: PollInterval = 60.0,
@@ -400,7 +400,7 @@ def resume(
 
 @app.command("retry-failed", cls=FlagCommand)
 def retry_failed(
-    job: JobArg = None, database_url: DatabaseUrl = None, base_url: BaseUrl = None, batch_size: BatchSize = 100,
+    job: JobArg = None, database_url: DatabaseUrl = None, base_url: BaseUrl = None, batch_size: BatchSize = 50,
     concurrency: Concurrency = 4, timeout: Timeout = 60.0, wait: Wait = False, log_format: LogFormat = Format.auto,
 ) -> None:
     """Re-embed only the rows recorded as failed (nothing else is sent).

@@ -32,7 +32,7 @@ class Item:
 class RunOptions:
     target: str = "all"
     user_id: str | None = None
-    batch_size: int = 100  # inputs per request (seed: -b)
+    batch_size: int = 50  # inputs per request (seed: -b)
     concurrency: int = 4  # requests in flight
     delay_ms: int = 0  # extra pause between requests (seed: -d)
     limit: int | None = None  # rows to select in this invocation

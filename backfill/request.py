@@ -19,7 +19,7 @@ class RunRequest:
     dimensions: int | None = None
     target: str = "all"
     user_email: str | None = None
-    batch_size: int = 100
+    batch_size: int = 50
     concurrency: int = 4
     delay_ms: int = 0
     limit: int | None = None

@@ -98,15 +98,15 @@ def test_one_input_larger_than_the_bucket_fails_alone_with_the_reason(tmp_path, 
 
 def test_a_request_that_times_out_is_sent_again_in_halves_and_fewer_go_at_once(tmp_path, cli):
     """A server that takes one request at a time (as a small self-hosted one does): four requests of 100
-    inputs at once queue, the later ones time out. At defaults but a short --timeout, every row gets its
+    inputs at once queue, the later ones time out. At -b 100 and a short --timeout, every row gets its
     vector, no row fails, and the requests after the first timeout are smaller."""
     be = make_backend("sqlite", tmp_path)
     engine = be.engine()
     build(engine, memories=400, entities=0, seed=9)
     todo = needing(engine)
     with FakeOpenAI(one_at_a_time=True, latency_ms=200, latency_per_input_ms=20) as server:  # 100 inputs: 2.2 s
-        result = cli("up", *RUN_ARGS, "--timeout", "3", "--log-format", "json", env=env_for(server, be.url),
-                     timeout=240)
+        result = cli("up", *RUN_ARGS, "-b", "100", "--timeout", "3", "--log-format", "json",
+                     env=env_for(server, be.url), timeout=240)
         log = list(server.log)
     assert result.code == 0, result.output[-3000:]
     assert needing(engine) == set()
