@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -74,7 +75,7 @@ def test_a_frozen_workers_lease_expires_and_the_next_worker_resumes_from_the_che
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and not (_jobs(engine) and _jobs(engine)[0]["batches"] >= 1):
             time.sleep(0.1)
-        first.send_signal(signal.SIGSTOP)  # alive but silent: its heartbeat stops
+        _freeze_between_commits(first, be.path)  # alive but silent: its heartbeat stops
         try:
             job = _jobs(engine)[0]
             assert job["worker_id"] and job["worker_id"].split(":")[1] == str(first.pid)
@@ -118,3 +119,22 @@ def _until_quiet(server, quiet_s: float = 1.0, limit_s: float = 15.0) -> None:  
         time.sleep(0.05)
         if len(server.log) != seen:
             seen, since = len(server.log), time.monotonic()
+
+
+def _freeze_between_commits(proc: subprocess.Popen, path) -> None:  # noqa: ANN001
+    """SIGSTOP the worker at a moment it holds no lock on the file: stopped inside a commit it would hold the
+    write lock, and no other process could write (a frozen SQLite writer blocks every writer; that is not
+    what this test is about). Bounded: 100 tries."""
+    for _ in range(100):
+        proc.send_signal(signal.SIGSTOP)
+        probe = sqlite3.connect(path, timeout=0.2, isolation_level=None)
+        try:
+            probe.execute("BEGIN EXCLUSIVE")  # no other reader or writer holds the file
+            probe.execute("ROLLBACK")
+            return
+        except sqlite3.OperationalError:
+            proc.send_signal(signal.SIGCONT)
+            time.sleep(0.02)
+        finally:
+            probe.close()
+    raise AssertionError("the worker never paused outside a transaction")
