@@ -310,7 +310,7 @@ def environment_problem(exc: BaseException, target: Database | None = None) -> s
 # --- database faults: discard broken connections, retry transient errors ------------------------
 
 _TRANSIENT = re.compile(
-    r"(?i)database is locked|database table is locked|database is busy|sqlite_busy|"
+    rf"(?i){lockwait.LOCKED}|"
     r"connection closed before message completed|stream not found|baton is invalid|stream expired|"
     r"http error|connection (?:refused|reset|closed|aborted)|broken pipe|server closed the connection|"
     r"terminating connection|could not receive data|ssl syscall error|deadlock detected|"

@@ -25,7 +25,9 @@ from typing import Any, TypeVar
 WAIT_S = 30.0  # as long as the busy timeout the driver had before
 _FIRST_SLEEP_S = 0.002
 _MAX_SLEEP_S = 0.05
-_LOCKED = re.compile(r"(?i)database is locked|database table is locked|sqlite_busy")
+# a locked file, as the SQLite family words it; db._TRANSIENT starts with the same alternatives
+LOCKED = r"database is locked|database table is locked|database is busy|sqlite_busy"
+_LOCKED = re.compile(f"(?i){LOCKED}")
 
 T = TypeVar("T")
 
