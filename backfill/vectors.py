@@ -48,7 +48,8 @@ def check_backend(kind: str, column: str) -> None:
 
 
 def _declared(conn: Connection, spec: tables.Spec, column: str) -> str | None:
-    for row in conn.exec_driver_sql(f"PRAGMA table_info({spec.name})"):
+    # read whole: on a libSQL file, a statement not read to its end keeps its read lock until its cursor goes
+    for row in conn.exec_driver_sql(f"PRAGMA table_info({spec.name})").all():
         if row[1] == column:
             return str(row[2] or "")
     return None
