@@ -28,7 +28,7 @@ from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Connection, Engine
 
-from backfill import adoption, baseline, changes, fts
+from backfill import adoption, baseline, changes, db, fts
 from backfill.errors import EmptyDatabase, SchemaDrift
 from backfill.schema import OWN_TABLE_NAMES, metadata
 
@@ -205,15 +205,20 @@ def one_transaction(engine: Engine) -> Iterator[Connection]:
     SQLite's DDL is transactional, but Python's sqlite3 and libSQL's driver open a transaction only
     before INSERT/UPDATE/DELETE, so each CREATE, DROP or ALTER ran on its own and committed at once.
     An explicit BEGIN (IMMEDIATE: take the write lock now, not halfway) keeps them all in one."""
-    with engine.connect() as conn:
-        if conn.dialect.name == "sqlite":
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
-        try:
-            yield conn
-        except BaseException:
-            conn.rollback()
-            raise
-        conn.commit()
+    with engine.connect() as conn, _transaction(conn):
+        yield conn
+
+
+@contextmanager
+def _transaction(conn: Connection) -> Iterator[None]:
+    if conn.dialect.name == "sqlite":
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        conn.rollback()
+        raise
+    conn.commit()
 
 
 def _refuse_unless_adoptable(conn: Connection, tables: list[str], *, create: bool) -> str:
@@ -241,9 +246,16 @@ def _refuse_unless_adoptable(conn: Connection, tables: list[str], *, create: boo
 
 
 def migrate(engine: Engine, *, create: bool = False) -> MigrateResult:
-    """Bring the database to head in one transaction; adopt the server's database; create only if asked."""
+    """Bring the database to head in one transaction; adopt the server's database; create only if asked.
+    A locked database or a dropped connection is waited out like every other write (db.retrying): the
+    transaction is all or nothing, so it is run again whole (a stream a killed run left holding the write
+    lock on a libSQL server failed the next `up` at its first statement)."""
     head = head_revision()
-    with one_transaction(engine) as conn:
+    return db.retrying(engine, lambda conn: _migrate(conn, head, create), write=False)
+
+
+def _migrate(conn: Connection, head: str, create: bool) -> MigrateResult:
+    with _transaction(conn):
         current = current_revision(conn)
         if current == head:
             repaired = _repair_own_objects(conn)

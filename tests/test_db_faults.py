@@ -106,3 +106,33 @@ def test_a_libsql_file_locked_by_another_process_is_waited_out(tmp_path, cli):
         out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, (err + out)[-3000:]
     _assert_exact(engine, todo)
+
+
+def test_a_write_lock_left_on_a_remote_server_by_a_killed_run_is_waited_out_from_the_first_statement(tmp_path, cli):
+    """A run killed inside a transaction leaves its stream holding the write lock until the server expires it
+    (sqld: ~10 s; here 7 s, longer than the server's own 5 s busy timeout). The next `up` waits from its first
+    statement on (migrate's BEGIN IMMEDIATE), instead of failing with SQLITE_BUSY as an internal error."""
+    import urllib.request
+
+    from conftest import SERVED_FILES, Backend
+    from support.libsql_server import LibsqlServer
+
+    path = tmp_path / "memory-remote.db"
+    with LibsqlServer(str(path), idle_timeout=7.0) as server:
+        assert server.port is not None
+        SERVED_FILES[server.port] = path
+        be = Backend("remote-libsql", server.url, path, server)
+        build(be.engine(), memories=60, entities=0, seed=8)
+        todo = {r for r in needing(be.engine()) if r[0] == "memories"}
+        begin = {"requests": [{"type": "execute", "stmt": {"sql": "BEGIN IMMEDIATE", "want_rows": False}}]}
+        req = urllib.request.Request(server.http_url + "/v3/pipeline", data=json.dumps(begin).encode(), method="POST")
+        with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(req, timeout=10) as resp:
+            assert json.loads(resp.read())["results"][0]["type"] == "ok"  # the stream holds the lock; no one closes it
+        started = time.monotonic()
+        with FakeOpenAI() as fake:
+            done = cli("up", *ARGS, env=env_for(fake, be.url), timeout=120)
+        waited = time.monotonic() - started
+        SERVED_FILES.pop(server.port)
+        assert done.code == 0, done.output[-3000:]
+        assert waited > 5, "the lock was not held: the test proves nothing"
+        _assert_exact(be.engine(), todo)
