@@ -613,8 +613,7 @@ def collect_for_status(settings: Settings, engine: Engine, job: jobs.Job) -> str
     worker = jobs.worker_identity()
     status, reason = "interrupted", job.stop_reason
     try:
-        with engine.begin() as conn:
-            job = jobs.claim(conn, jobs.get(conn, job.id), worker)
+        job = db.retrying(engine, lambda conn: jobs.claim(conn, jobs.get(conn, job.id), worker))
     except LeaseHeld:
         return f"not polled: worker {job.worker_id} is collecting"
     run = BatchRunner(engine, provider, job, worker, options, _Quiet(), stopping.StopFlag(),
@@ -624,9 +623,12 @@ def collect_for_status(settings: Settings, engine: Engine, job: jobs.Job) -> str
         if run.complete():
             status, reason = "done", None
     finally:
-        with engine.begin() as conn:
-            jobs.finish(conn, job.id, worker, status, reason)
+        db.retrying(engine, lambda conn: jobs.finish(conn, job.id, worker, status, reason))
     return f"polled: {run.outcome.embedded} row(s) written, {run.outcome.failed} failed"
+
+
+def _runs(statement: Any) -> Callable[[Connection], Any]:
+    return lambda conn: conn.execute(statement)
 
 
 def cancel_remote(settings: Settings, engine: Engine, job: jobs.Job) -> int:
@@ -647,7 +649,7 @@ def cancel_remote(settings: Settings, engine: Engine, job: jobs.Job) -> int:
                 if exc.status not in (400, 404, 409):  # 409: it had already finished, nothing to cancel
                     raise
                 status = f"{status} (not cancelled: {exc})"[:300]
-        with engine.begin() as conn:
-            conn.execute(batches_t.update().where(batches_t.c.id == b["id"]).values(
-                state="cancelled", remote_status=status, updated_at=jobs.now_iso()))
+        change = batches_t.update().where(batches_t.c.id == b["id"]).values(
+            state="cancelled", remote_status=status, updated_at=jobs.now_iso())
+        db.retrying(engine, _runs(change))
     return cancelled

@@ -21,7 +21,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from backfill import tables
+from backfill import db, tables
 from backfill.schema import backfill_embeddings as prov
 from backfill.schema import backfill_jobs
 
@@ -161,19 +161,18 @@ def adopt(engine: Engine, spec: tables.Spec, *, provider: str, model: str, dimen
     dialect = engine.dialect.name
     length = tables.vector_length(spec.embedding, dialect)
     adopted, after = 0, 0
-    while True:
-        with engine.begin() as conn:
-            q = (sa.select(*tables.select_columns(spec))
-                 .select_from(spec.table.outerjoin(prov, sa.and_(prov.c.target == spec.name,
-                                                                 prov.c.row_id == spec.key)))
-                 .where(spec.key > after, prov.c.row_id.is_(None), sa.not_(tables.missing(spec.embedding)),
-                        tables.valid_vector(spec.embedding, dialect), length == dimensions)
-                 .order_by(spec.key).limit(SCAN_PAGE))
-            if user_id is not None:
-                q = q.where(spec.user_id == user_id)
-            rows = conn.execute(q).all()
-            if not rows:
-                return adopted
+
+    def page(conn: Connection) -> list[Any]:  # one transaction per page, retried whole (db.retrying)
+        q = (sa.select(*tables.select_columns(spec))
+             .select_from(spec.table.outerjoin(prov, sa.and_(prov.c.target == spec.name,
+                                                             prov.c.row_id == spec.key)))
+             .where(spec.key > after, prov.c.row_id.is_(None), sa.not_(tables.missing(spec.embedding)),
+                    tables.valid_vector(spec.embedding, dialect), length == dimensions)
+             .order_by(spec.key).limit(SCAN_PAGE))
+        if user_id is not None:
+            q = q.where(spec.user_id == user_id)
+        rows = conn.execute(q).all()
+        if rows:
             stamp = now_iso()
             conn.execute(prov.insert(), [
                 {"target": spec.name, "row_id": int(r[0]), "provider": provider, "model": model,
@@ -182,8 +181,12 @@ def adopt(engine: Engine, spec: tables.Spec, *, provider: str, model: str, dimen
                  "job_id": job_id, "embedded_at": stamp}
                 for r in rows
             ])
-            adopted += len(rows)
-            after = int(rows[-1][0])
+        return list(rows)
+
+    while rows := db.retrying(engine, page):
+        adopted += len(rows)
+        after = int(rows[-1][0])
+    return adopted
 
 
 def refuse_mixing(conn: Connection, spec: tables.Spec, model: str, dimensions: int, user_id: str | None) -> None:

@@ -21,11 +21,12 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from backfill import tables
+from backfill import db, tables
 from backfill.errors import ConfigError, SchemaDrift
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
@@ -151,18 +152,20 @@ def fill(engine: Engine, spec: tables.Spec, column: str, dimensions: int) -> int
     # vector32() only ever sees a good vector (CASE), and a cell equal to it is left alone
     differs = sa.literal_column(f"{ref} IS NULL OR {ref} != vector32({spec.name}.embedding)", sa.Boolean)
     done, after = 0, 0
-    while True:
-        with engine.begin() as conn:
-            rows = conn.execute(
-                sa.select(spec.key, sa.case((good, 1), else_=0).label("good"))
-                .where(spec.key > after, sa.case((good, differs), else_=sa.literal_column(f"{ref} IS NOT NULL")))
-                .order_by(spec.key).limit(PAGE)).all()
-            if not rows:
-                return done
-            write(conn, spec, column, [int(r[0]) for r in rows if r[1]])
-            clear(conn, spec, column, [int(r[0]) for r in rows if not r[1]])
+
+    def page(conn: Connection) -> list[Any]:  # one transaction per page, retried whole (db.retrying)
+        rows = conn.execute(
+            sa.select(spec.key, sa.case((good, 1), else_=0).label("good"))
+            .where(spec.key > after, sa.case((good, differs), else_=sa.literal_column(f"{ref} IS NOT NULL")))
+            .order_by(spec.key).limit(PAGE)).all()
+        write(conn, spec, column, [int(r[0]) for r in rows if r[1]])
+        clear(conn, spec, column, [int(r[0]) for r in rows if not r[1]])
+        return list(rows)
+
+    while rows := db.retrying(engine, page):
         done += len(rows)
         after = int(rows[-1][0])
+    return done
 
 
 @dataclass
@@ -184,8 +187,8 @@ def build_and_check(engine: Engine, kind: str, spec: tables.Spec, column: str, p
         raise ConfigError(f"{spec.name} has no column {column}: run `backfill run --vector-column {column}` first")
     filled = fill(engine, spec, column, dims)
     name = index_name(spec, column)
-    with engine.begin() as conn:
-        conn.exec_driver_sql(f"CREATE INDEX IF NOT EXISTS {name} ON {spec.name} (libsql_vector_idx({column}))")
+    db.retrying(engine, lambda conn: conn.exec_driver_sql(
+        f"CREATE INDEX IF NOT EXISTS {name} ON {spec.name} (libsql_vector_idx({column}))"))
     with engine.connect() as conn:
         rows = int(conn.exec_driver_sql(f"SELECT count(*) FROM {spec.name} WHERE {column} IS NOT NULL").scalar_one())
         step = max(1, rows // probes) if rows else 1

@@ -7,7 +7,7 @@ import json
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from backfill import jobs, report, sources, tables
+from backfill import db, jobs, report, sources, tables
 from backfill.commands.database import open_database, require_tables
 from backfill.commands.failures import top_reasons
 from backfill.config import Settings
@@ -158,8 +158,9 @@ def cancel(settings: Settings, job_id: int) -> int:
         from backfill import batch_api
 
         report.say(f"cancelled {batch_api.cancel_remote(settings, engine, job)} batch(es) at the provider")
-    with engine.begin() as conn:
-        job = jobs.cancel(conn, job_id)
+    db.retrying(engine, lambda conn: jobs.cancel(conn, job_id), landed=lambda conn: jobs.is_cancelled(conn, job_id))
+    with engine.connect() as conn:
+        job = jobs.get(conn, job_id)
     report.say(f"job {job.id} cancelled; a running worker stops after its in-flight batch")
     report.event("job_cancelled", job=job.id)
     return 0
