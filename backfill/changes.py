@@ -349,10 +349,9 @@ def done(conn: Connection, spec: tables.Spec, row_ids: Sequence[int], dimensions
 
 def refresh(engine: Engine, spec: tables.Spec, dimensions: int | None, *, full_scan: bool = False) -> None:
     """Before a run: seed the queue if it never was (or `--full-scan`), then settle it."""
-    with engine.connect() as conn:
-        if not present(conn):
-            return
-        fresh = seeded(conn, spec)
+    fresh = db.retrying(engine, lambda conn: seeded(conn, spec) if present(conn) else None, write=False)
+    if fresh is None:
+        return  # no change queue here
     if full_scan or not fresh:
         seed(engine, spec, dimensions)
     settle(engine, spec, dimensions)

@@ -19,7 +19,7 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 from urllib.parse import parse_qsl, urlsplit
 
 import sqlalchemy as sa
@@ -232,18 +232,37 @@ def _lenient_text(raw: bytes) -> str:
     return raw.decode("utf-8", "surrogateescape")
 
 
+PROBE_ATTEMPTS = 3  # a link dropped under the first statement is tried again; a server that refuses is not waited for
+
+
 def probe(engine: Engine, target: Database, settings: Settings | None = None) -> None:
     """Open one connection and run `SELECT 1`; any failure becomes a one-line ConfigError."""
     # on SQLite the first read of the schema is what finds "file is not a database"
     check = "SELECT count(*) FROM sqlite_master" if target.is_sqlite_family else "SELECT 1"
-    try:
-        with engine.connect() as conn:
-            conn.execute(sa.text(check))
-    except Exception as exc:  # driver errors differ per backend (libSQL raises plain ValueError)
-        problem = environment_problem(exc, target)
-        if problem:
-            raise EnvironmentProblem(problem) from None
-        raise ConfigError(f"cannot connect to {target.display}: {describe_error(exc, settings, target)}") from None
+    for attempt in range(PROBE_ATTEMPTS):
+        try:
+            with engine.connect() as conn:
+                conn.execute(sa.text(check))
+            return
+        except Exception as exc:
+            if attempt + 1 < PROBE_ATTEMPTS and _dropped(exc):
+                time.sleep(RETRY_BASE_S * 2 ** attempt)
+                continue
+            _refuse(exc, target, settings)
+
+
+def _dropped(exc: BaseException) -> bool:
+    text = _text(exc)
+    return bool(_BROKEN.search(text)) and "refused" not in text.lower()
+
+
+def _refuse(exc: BaseException, target: Database, settings: Settings | None) -> NoReturn:
+    """The probe's failure as a typed one-line error (driver errors differ per backend; libSQL's are plain
+    ValueErrors)."""
+    problem = environment_problem(exc, target)
+    if problem:
+        raise EnvironmentProblem(problem) from None
+    raise ConfigError(f"cannot connect to {target.display}: {describe_error(exc, settings, target)}") from None
 
 
 def describe_error(exc: BaseException, settings: Settings | None = None, target: Database | None = None) -> str:

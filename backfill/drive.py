@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 
 from backfill import db, follow, jobs, report, runner, sources, stopping, tables
 from backfill import stats as coverage
@@ -53,12 +53,13 @@ def drive(settings: Settings, engine: Engine, job: jobs.Job, provider: Provider,
     job = _claim(engine, job, worker, req)
     options.max_runtime_s = req.max_runtime_s
     stop = stopping.StopFlag()
-    with engine.connect() as conn:
+    def remaining(conn: Connection) -> int:
         if retry:
-            total = len(jobs.open_failures(conn, job.id))
-        else:
-            total = sum(sources.remaining(conn, spec, job.dimensions, options, job.cursors.get(spec.name, 0))
-                        for spec in tables.specs_for(job.target))
+            return len(jobs.open_failures(conn, job.id))
+        return sum(sources.remaining(conn, spec, job.dimensions, options, job.cursors.get(spec.name, 0))
+                   for spec in tables.specs_for(job.target))
+
+    total = db.retrying(engine, remaining, write=False)  # reads only, here and below: a dropped link reads again
     run = (runner_class or runner.Runner)(engine, provider, job, worker, options, None, stop)
     status, reason = "interrupted", None
     try:
@@ -87,20 +88,19 @@ def drive(settings: Settings, engine: Engine, job: jobs.Job, provider: Provider,
         raise
     finally:
         jobs.release(engine, job.id, worker, status, reason)
-    with engine.connect() as conn:
-        final = jobs.get(conn, job.id)
+    final = db.retrying(engine, lambda conn: jobs.get(conn, job.id), write=False)
     if stop.aborted:  # an abort can land between a commit and its accounting: the job row is the truth
         _count_from_job(outcome, job, final)
-    with engine.connect() as conn:
-        cov = coverage.collect(conn, job.user_email, with_stale=False)
-        outcome.failure_reasons = [{**r, "reason": settings.redact(r["reason"])} for r in top_reasons(conn, job.id)]
+    cov, reasons = db.retrying(engine, lambda conn: (coverage.collect(conn, job.user_email, with_stale=False),
+                                                     top_reasons(conn, job.id)), write=False)
+    outcome.failure_reasons = [{**r, "reason": settings.redact(r["reason"])} for r in reasons]
     outcome.status, outcome.stop_reason = status, reason
     if retry:  # a retry selects no new rows: what it processed is what it wrote or failed again
         outcome.selected = outcome.embedded + len(outcome.failed_ids)
     outcome.failed = int(final.failed)
     if not outcome.failed_ids and outcome.failed:
-        with engine.connect() as conn:
-            outcome.failed_ids = [(r["target"], r["row_id"]) for r in jobs.open_failures(conn, job.id)]
+        failures = db.retrying(engine, lambda conn: jobs.open_failures(conn, job.id), write=False)
+        outcome.failed_ids = [(r["target"], r["row_id"]) for r in failures]
     shown = [t for t in cov.tables if job.target in ("all", t.table)]
     outcome.unaddressable = sum(t.unaddressable for t in shown)
     total_rows = sum(t.total for t in shown)

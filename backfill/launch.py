@@ -74,17 +74,19 @@ def _find_or_create(conn: Connection, options: RunOptions, provider: Any, *, use
 def run(settings: Settings, req: RunRequest, engine: Engine, database_kind: str) -> int:
     """`run` on an open database with backfill's tables, its flags checked: refuse, or say there is nothing
     to do, or find or start the job, then drive it to its end."""
-    with engine.connect() as conn:
-        user_id = coverage.user_id_for(conn, req.user_email) if req.user_email else None
+    email = req.user_email
+    user_id = db.retrying(engine, lambda conn: coverage.user_id_for(conn, email), write=False) if email else None
     for spec in tables.specs_for(req.target):  # change queue: seeded once (or --full-scan), then settled
         changes.refresh(engine, spec, _identity(req)[2], full_scan=bool(req.extra.get("full_scan")))
-    with engine.connect() as conn:
+    def check(conn: Connection) -> bool:
+        """Whether there is nothing to do; raises a refusal."""
         if req.follow:
             _require_queue(conn, req)
         found = _Found(conn, req, user_id)
         _refuse_mixing(conn, req, user_id, found)  # before "nothing to do": another model in the column is refused
-        idle = not req.adopt_existing and not req.follow and _nothing_to_do(conn, req, user_id, found)
-    if idle:
+        return not req.adopt_existing and not req.follow and _nothing_to_do(conn, req, user_id, found)
+
+    if db.retrying(engine, check, write=False):  # reads only: a dropped connection is read again
         report.nothing("nothing to embed: every row in scope has its embedding (no job recorded)",
                        target=req.target, user_email=req.user_email)
         return 0
@@ -186,15 +188,20 @@ def _nothing_to_do(conn: Connection, req: RunRequest, user_id: str | None, found
 def preflight(settings: Settings, req: RunRequest, engine: Engine) -> None:
     """`up`, on a database that exists: the user, the key and provider, one model per column, checked before
     `migrate` writes anything (the flags and the backend are checked by the caller)."""
-    with engine.connect() as conn:
+    def check(conn: Connection) -> bool | None:
+        """None: nothing to check here; else whether there is nothing to do. Raises a refusal."""
         if not sa.inspect(conn).has_table("memories"):
-            return  # empty or foreign: `migrate` decides; nothing to embed here either
+            return None  # empty or foreign: `migrate` decides; nothing to embed here either
         if adoption.problems(conn):
-            return  # a needed column is missing or unusable: `migrate` (or `verify`) refuses, naming it
+            return None  # a needed column is missing or unusable: `migrate` (or `verify`) refuses, naming it
         user_id = coverage.user_id_for(conn, req.user_email) if req.user_email else None
         found = _Found(conn, req, user_id)
         _refuse_mixing(conn, req, user_id, found)
-        idle = not req.adopt_existing and not req.follow and _nothing_to_do(conn, req, user_id, found)
+        return not req.adopt_existing and not req.follow and _nothing_to_do(conn, req, user_id, found)
+
+    idle = db.retrying(engine, check, write=False)  # reads only: a dropped connection is read again
+    if idle is None:
+        return
     if idle and not (req.extra.get("full_scan") and changes.missed(engine, tables.specs_for(req.target))):
         return  # nothing to embed: no key needed, and no provider built (the SDK and tokenizer take ~1.5 s)
     if req.provider == "openai" and not settings.openai_api_key:

@@ -288,16 +288,19 @@ def verify(engine: Engine, *, deep: bool = False) -> VerifyResult:
     """What the tool owns and needs; objects the server adds (tables, columns, indexes) are not drift.
     `deep`: also scan for rows that need a vector but are not in the change queue (changes.py)."""
     head = head_revision()
-    with engine.connect() as conn:
-        current = current_revision(conn)
-        diffs = []
-        if current != head:
-            diffs.append(f"revision is {current or 'none (never migrated)'}, head is {head}: run `backfill migrate`")
-        diffs += adoption.problems(conn, allow_added=current != head)
-        if current is not None:
-            diffs += _own_table_differences(conn)
-        diffs += fts_differences(conn, at_head=current == head)
-        if current == head:  # change queue: missing triggers; with --deep, rows it missed (changes.py)
-            diffs += changes.trigger_differences(conn) + (changes.deep_differences(conn) if deep else [])
-        conn.rollback()
+    return db.retrying(engine, lambda conn: _verify(conn, head, deep), write=False)  # a dropped link: read again
+
+
+def _verify(conn: Connection, head: str, deep: bool) -> VerifyResult:
+    current = current_revision(conn)
+    diffs = []
+    if current != head:
+        diffs.append(f"revision is {current or 'none (never migrated)'}, head is {head}: run `backfill migrate`")
+    diffs += adoption.problems(conn, allow_added=current != head)
+    if current is not None:
+        diffs += _own_table_differences(conn)
+    diffs += fts_differences(conn, at_head=current == head)
+    if current == head:  # change queue: missing triggers; with --deep, rows it missed (changes.py)
+        diffs += changes.trigger_differences(conn) + (changes.deep_differences(conn) if deep else [])
+    conn.rollback()
     return VerifyResult(current, head, list(dict.fromkeys(diffs)))

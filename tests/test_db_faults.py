@@ -5,6 +5,7 @@ committed fully or not at all, and never counted twice."""
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import subprocess
 import sys
@@ -20,8 +21,6 @@ ARGS = [*RUN_ARGS, "--target", "memories", "-b", "5", "--concurrency", "1"]
 
 
 def _start(env: dict) -> subprocess.Popen:
-    import os
-
     full = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "OPENAI_API_KEY", "OPENAI_BASE_URL")}
     return subprocess.Popen([sys.executable, "-m", "backfill", "--traceback", "run", *ARGS, "--log-format", "json"],
                             env={**full, **env}, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -136,3 +135,36 @@ def test_a_write_lock_left_on_a_remote_server_by_a_killed_run_is_waited_out_from
         assert done.code == 0, done.output[-3000:]
         assert waited > 5, "the lock was not held: the test proves nothing"
         _assert_exact(be.engine(), todo)
+
+
+def test_a_link_dropped_under_any_of_ups_first_statements_is_read_again(tmp_path, cli):
+    """Before the job, `up` probes, checks, migrates and verifies: about 40 statements, on a fresh connection
+    to a remote libSQL server. One dropped link under any of them failed the whole step with an internal
+    error (exit 70; a drop under the probe said "cannot connect"). Reads are read again and the migration's
+    transaction is run again, like the run's own commits."""
+    from conftest import SERVED_FILES, Backend
+    from support.libsql_server import LibsqlServer
+
+    for k in (0, 5, 13, 22, 32, 50):  # the Hrana request after which one is dropped: probe, checks, migrate, ...
+        path = tmp_path / f"drop-{k}.db"
+        with LibsqlServer(str(path), idle_timeout=10.0) as server:
+            assert server.port is not None
+            SERVED_FILES[server.port] = path
+            be = Backend("remote-libsql", server.url, path, server)
+            build(be.engine(), memories=30, entities=0, seed=9)
+            todo = {r for r in needing(be.engine()) if r[0] == "memories"}
+            with FakeOpenAI() as fake:
+                env = {**os.environ, **env_for(fake, be.url)}
+                base = server.stats()["requests"]
+                proc = subprocess.Popen([sys.executable, "-m", "backfill", "up", *ARGS], env=env, cwd=ROOT,
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                deadline = time.monotonic() + 60
+                while server.stats()["requests"] < base + k and proc.poll() is None and time.monotonic() < deadline:
+                    time.sleep(0.001)
+                server.drop_next(1)
+                out, err = proc.communicate(timeout=120)
+                dropped = server.stats()["dropped"]
+            SERVED_FILES.pop(server.port)
+            assert proc.returncode == 0, (k, err[-2000:])
+            assert dropped == 1, f"the drop after request {k} never hit the run: the test proves nothing"
+            _assert_exact(be.engine(), todo)
