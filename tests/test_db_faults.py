@@ -10,10 +10,12 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import sqlalchemy as sa
 
-from conftest import ROOT, make_backend
+from conftest import ROOT, SERVED_FILES, Backend, make_backend
 from engine_helpers import RUN_ARGS, assert_vectors_match_recipe, build, env_for, needing
 from support.fake_openai import FakeOpenAI
 
@@ -39,6 +41,20 @@ def _batches(path) -> int:
     """The job's committed batches, read straight from the served file."""
     with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10) as raw:
         return int(raw.execute("SELECT coalesce(max(batches), 0) FROM backfill_jobs").fetchone()[0])
+
+
+@contextmanager
+def _served(path, *, idle_timeout: float) -> Iterator[Backend]:
+    """A loopback libSQL server on `path` whose streams expire after `idle_timeout`; `build` writes its file."""
+    from support.libsql_server import LibsqlServer
+
+    with LibsqlServer(str(path), idle_timeout=idle_timeout) as server:
+        assert server.port is not None
+        SERVED_FILES[server.port] = path
+        try:
+            yield Backend("remote-libsql", server.url, path, server)
+        finally:
+            SERVED_FILES.pop(server.port, None)
 
 
 def _assert_exact(engine, todo) -> None:
@@ -113,25 +129,18 @@ def test_a_write_lock_left_on_a_remote_server_by_a_killed_run_is_waited_out_from
     statement on (migrate's BEGIN IMMEDIATE), instead of failing with SQLITE_BUSY as an internal error."""
     import urllib.request
 
-    from conftest import SERVED_FILES, Backend
-    from support.libsql_server import LibsqlServer
-
-    path = tmp_path / "memory-remote.db"
-    with LibsqlServer(str(path), idle_timeout=7.0) as server:
-        assert server.port is not None
-        SERVED_FILES[server.port] = path
-        be = Backend("remote-libsql", server.url, path, server)
+    with _served(tmp_path / "memory-remote.db", idle_timeout=7.0) as be:
         build(be.engine(), memories=60, entities=0, seed=8)
         todo = {r for r in needing(be.engine()) if r[0] == "memories"}
         begin = {"requests": [{"type": "execute", "stmt": {"sql": "BEGIN IMMEDIATE", "want_rows": False}}]}
-        req = urllib.request.Request(server.http_url + "/v3/pipeline", data=json.dumps(begin).encode(), method="POST")
+        req = urllib.request.Request(be.server.http_url + "/v3/pipeline", data=json.dumps(begin).encode(),
+                                     method="POST")
         with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(req, timeout=10) as resp:
             assert json.loads(resp.read())["results"][0]["type"] == "ok"  # the stream holds the lock; no one closes it
         started = time.monotonic()
         with FakeOpenAI() as fake:
             done = cli("up", *ARGS, env=env_for(fake, be.url), timeout=120)
         waited = time.monotonic() - started
-        SERVED_FILES.pop(server.port)
         assert done.code == 0, done.output[-3000:]
         assert waited > 5, "the lock was not held: the test proves nothing"
         _assert_exact(be.engine(), todo)
@@ -142,15 +151,9 @@ def test_a_link_dropped_under_any_of_ups_first_statements_is_read_again(tmp_path
     to a remote libSQL server. One dropped link under any of them failed the whole step with an internal
     error (exit 70; a drop under the probe said "cannot connect"). Reads are read again and the migration's
     transaction is run again, like the run's own commits."""
-    from conftest import SERVED_FILES, Backend
-    from support.libsql_server import LibsqlServer
-
     for k in (0, 5, 13, 22, 32, 50):  # the Hrana request after which one is dropped: probe, checks, migrate, ...
-        path = tmp_path / f"drop-{k}.db"
-        with LibsqlServer(str(path), idle_timeout=10.0) as server:
-            assert server.port is not None
-            SERVED_FILES[server.port] = path
-            be = Backend("remote-libsql", server.url, path, server)
+        with _served(tmp_path / f"drop-{k}.db", idle_timeout=10.0) as be:
+            server = be.server
             build(be.engine(), memories=30, entities=0, seed=9)
             todo = {r for r in needing(be.engine()) if r[0] == "memories"}
             with FakeOpenAI() as fake:
@@ -164,7 +167,6 @@ def test_a_link_dropped_under_any_of_ups_first_statements_is_read_again(tmp_path
                 server.drop_next(1)
                 out, err = proc.communicate(timeout=120)
                 dropped = server.stats()["dropped"]
-            SERVED_FILES.pop(server.port)
             assert proc.returncode == 0, (k, err[-2000:])
             assert dropped == 1, f"the drop after request {k} never hit the run: the test proves nothing"
             _assert_exact(be.engine(), todo)
