@@ -53,6 +53,7 @@ def drive(settings: Settings, engine: Engine, job: jobs.Job, provider: Provider,
     job = _claim(engine, job, worker, req)
     options.max_runtime_s = req.max_runtime_s
     stop = stopping.StopFlag()
+
     def remaining(conn: Connection) -> int:
         if retry:
             return len(jobs.open_failures(conn, job.id))

@@ -78,13 +78,11 @@ def run(settings: Settings, req: RunRequest, engine: Engine, database_kind: str)
     user_id = db.retrying(engine, lambda conn: coverage.user_id_for(conn, email), write=False) if email else None
     for spec in tables.specs_for(req.target):  # change queue: seeded once (or --full-scan), then settled
         changes.refresh(engine, spec, _identity(req)[2], full_scan=bool(req.extra.get("full_scan")))
+
     def check(conn: Connection) -> bool:
-        """Whether there is nothing to do; raises a refusal."""
         if req.follow:
             _require_queue(conn, req)
-        found = _Found(conn, req, user_id)
-        _refuse_mixing(conn, req, user_id, found)  # before "nothing to do": another model in the column is refused
-        return not req.adopt_existing and not req.follow and _nothing_to_do(conn, req, user_id, found)
+        return _idle(conn, req, user_id)
 
     if db.retrying(engine, check, write=False):  # reads only: a dropped connection is read again
         report.nothing("nothing to embed: every row in scope has its embedding (no job recorded)",
@@ -185,6 +183,13 @@ def _nothing_to_do(conn: Connection, req: RunRequest, user_id: str | None, found
     return not any(sources.remaining(conn, spec, dims, opts, 0) for spec in tables.specs_for(req.target))
 
 
+def _idle(conn: Connection, req: RunRequest, user_id: str | None) -> bool:
+    """Whether there is nothing to do; first, a refusal of another model in the column (before "nothing to do")."""
+    found = _Found(conn, req, user_id)
+    _refuse_mixing(conn, req, user_id, found)
+    return not req.adopt_existing and not req.follow and _nothing_to_do(conn, req, user_id, found)
+
+
 def preflight(settings: Settings, req: RunRequest, engine: Engine) -> None:
     """`up`, on a database that exists: the user, the key and provider, one model per column, checked before
     `migrate` writes anything (the flags and the backend are checked by the caller)."""
@@ -194,10 +199,7 @@ def preflight(settings: Settings, req: RunRequest, engine: Engine) -> None:
             return None  # empty or foreign: `migrate` decides; nothing to embed here either
         if adoption.problems(conn):
             return None  # a needed column is missing or unusable: `migrate` (or `verify`) refuses, naming it
-        user_id = coverage.user_id_for(conn, req.user_email) if req.user_email else None
-        found = _Found(conn, req, user_id)
-        _refuse_mixing(conn, req, user_id, found)
-        return not req.adopt_existing and not req.follow and _nothing_to_do(conn, req, user_id, found)
+        return _idle(conn, req, user_id=coverage.user_id_for(conn, req.user_email) if req.user_email else None)
 
     idle = db.retrying(engine, check, write=False)  # reads only: a dropped connection is read again
     if idle is None:
