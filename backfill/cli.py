@@ -17,7 +17,7 @@ from typing import Annotated
 import typer
 
 from backfill import report
-from backfill.config import Settings, load_settings
+from backfill.config import DEFAULT_BATCH_SIZE, DEFAULT_CONCURRENCY, Settings, load_settings
 from backfill.errors import EXIT_CODES, EXIT_INTERNAL, EXIT_OK, BackfillError
 
 CORE, PACING, BATCH, OUTPUT = "Core", "Pacing", "Batch mode", "Output"
@@ -310,7 +310,8 @@ def _job_command(action: str, doc: str) -> Callable[..., None]:
     def command(
         database_url: DatabaseUrl = None, provider: Provider = None, model: Model = None,
         dimensions: Dimensions = None, base_url: BaseUrl = None, target: Target = "all", user_email: UserEmail = None,
-        batch_size: BatchSize = 50, delay_ms: DelayMs = 0, concurrency: Concurrency = 4, limit: Limit = None,
+        batch_size: BatchSize = DEFAULT_BATCH_SIZE, delay_ms: DelayMs = 0,
+        concurrency: Concurrency = DEFAULT_CONCURRENCY, limit: Limit = None,
         max_runtime: MaxRuntime = None, recipe: Recipe = "mcp-memory-ts/1", reembed_all: ReembedAll = False,
         max_rpm: MaxRpm = None, max_tpm: MaxTpm = None, timeout: Timeout = 60.0, wait: Wait = False,
         log_format: LogFormat = Format.auto, mode: Mode = "sync", batch_file_lines: BatchFileLines = 50_000,
@@ -356,7 +357,8 @@ app.command("up", cls=FlagCommand)(_job_command("up", """The whole chain: migrat
 @app.command(cls=FlagCommand)
 def plan(
     database_url: DatabaseUrl = None, provider: Provider = None, model: Model = None, dimensions: Dimensions = None,
-    target: Target = "all", user_email: UserEmail = None, batch_size: BatchSize = 50, concurrency: Concurrency = 4,
+    target: Target = "all", user_email: UserEmail = None, batch_size: BatchSize = DEFAULT_BATCH_SIZE,
+    concurrency: Concurrency = DEFAULT_CONCURRENCY,
     limit: Limit = None, recipe: Recipe = "mcp-memory-ts/1", reembed_all: ReembedAll = False, max_rpm: MaxRpm = None,
     max_tpm: MaxTpm = None, price_per_mtok: PricePerMtok = None, max_cost: MaxCost = None, as_json: JsonFlag = False,
     log_format: LogFormat = Format.auto,
@@ -377,8 +379,10 @@ def plan(
 
 @app.command(cls=FlagCommand)
 def resume(
-    job: JobArg = None, database_url: DatabaseUrl = None, base_url: BaseUrl = None, batch_size: BatchSize = 50,
-    delay_ms: DelayMs = 0, concurrency: Concurrency = 4, limit: Limit = None, max_runtime: MaxRuntime = None,
+    job: JobArg = None, database_url: DatabaseUrl = None, base_url: BaseUrl = None,
+    batch_size: BatchSize = DEFAULT_BATCH_SIZE,
+    delay_ms: DelayMs = 0, concurrency: Concurrency = DEFAULT_CONCURRENCY, limit: Limit = None,
+    max_runtime: MaxRuntime = None,
     max_rpm: MaxRpm = None, max_tpm: MaxTpm = None, timeout: Timeout = 60.0, wait: Wait = False,
     log_format: LogFormat = Format.auto, poll_interval: PollInterval = 60.0,
 ) -> None:
@@ -400,8 +404,10 @@ def resume(
 
 @app.command("retry-failed", cls=FlagCommand)
 def retry_failed(
-    job: JobArg = None, database_url: DatabaseUrl = None, base_url: BaseUrl = None, batch_size: BatchSize = 50,
-    concurrency: Concurrency = 4, timeout: Timeout = 60.0, wait: Wait = False, log_format: LogFormat = Format.auto,
+    job: JobArg = None, database_url: DatabaseUrl = None, base_url: BaseUrl = None,
+    batch_size: BatchSize = DEFAULT_BATCH_SIZE,
+    concurrency: Concurrency = DEFAULT_CONCURRENCY, timeout: Timeout = 60.0, wait: Wait = False,
+    log_format: LogFormat = Format.auto,
 ) -> None:
     """Re-embed only the rows recorded as failed (nothing else is sent).
 

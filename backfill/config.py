@@ -15,6 +15,10 @@ from pathlib import Path
 from dotenv import dotenv_values
 
 ENV_FILES = (".env", ".env.local")  # later files win
+# a job's request shape, the one place these defaults are written (the CLI's flags, RunRequest, RunOptions):
+# in flight at once, and so re-sent after a kill, are about DEFAULT_CONCURRENCY x DEFAULT_BATCH_SIZE inputs
+DEFAULT_BATCH_SIZE = 50  # inputs per request (-b)
+DEFAULT_CONCURRENCY = 4  # requests in flight (--concurrency)
 
 
 class Secret:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from backfill import tables
+from backfill.config import DEFAULT_BATCH_SIZE, DEFAULT_CONCURRENCY
 
 MODES = ("sync", "batch")
 MAX_FILE_LINES = 50_000  # request lines per Batch API file (the provider's limit)
@@ -32,8 +33,8 @@ class Item:
 class RunOptions:
     target: str = "all"
     user_id: str | None = None
-    batch_size: int = 50  # inputs per request (seed: -b)
-    concurrency: int = 4  # requests in flight
+    batch_size: int = DEFAULT_BATCH_SIZE  # inputs per request (seed: -b)
+    concurrency: int = DEFAULT_CONCURRENCY  # requests in flight
     delay_ms: int = 0  # extra pause between requests (seed: -d)
     limit: int | None = None  # rows to select in this invocation
     max_runtime_s: float | None = None

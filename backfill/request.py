@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from backfill import jobs, packing, page, providers, tables
-from backfill.config import Settings
+from backfill.config import DEFAULT_BATCH_SIZE, DEFAULT_CONCURRENCY, Settings
 from backfill.errors import ConfigError
 from backfill.limits import Limiter
 from backfill.providers.base import Provider
@@ -19,8 +19,8 @@ class RunRequest:
     dimensions: int | None = None
     target: str = "all"
     user_email: str | None = None
-    batch_size: int = 50
-    concurrency: int = 4
+    batch_size: int = DEFAULT_BATCH_SIZE
+    concurrency: int = DEFAULT_CONCURRENCY
     delay_ms: int = 0
     limit: int | None = None
     max_runtime_s: float | None = None
