@@ -214,8 +214,8 @@ def preflight(settings: Settings, req: RunRequest, engine: Engine) -> None:
 
 def warm(req: RunRequest) -> None:
     """Load on a thread, while `migrate`, `verify` and the checks before the job run, what the first request
-    needs: the provider's tokenizer (tiktoken's cl100k_base: ~0.2 s) and numpy, which the OpenAI SDK imports
-    to decode its first answer (~0.15 s). `run` waits for it before the job's first page."""
+    needs: the provider's tokenizer (tiktoken's cl100k_base: ~0.15 s). `run` waits for it before the job's
+    first page."""
     provider = req.extra.get("provider")
     if provider is None or "warm" in req.extra:
         return
@@ -223,8 +223,6 @@ def warm(req: RunRequest) -> None:
     def load() -> None:
         try:
             provider.fit("")
-            if provider.name == "openai":
-                import numpy  # noqa: F401
         except Exception:  # noqa: S110 - the first page's own calls report it
             pass
 

@@ -107,6 +107,7 @@ _SETTINGS_DEFAULTS: dict[str, Any] = {
     "record_inputs": True,
     "tpm_burst": None,
     "one_at_a_time": False,
+    "answer_format": None,  # "float": answer floats whatever was asked (as servers that ignore encoding_format do)
 }
 
 
@@ -596,6 +597,10 @@ class FakeOpenAI:
             return None if value is None else str(value)
         if key in ("record_inputs", "one_at_a_time"):
             return bool(value)
+        if key == "answer_format":
+            if value not in (None, "float", "base64"):
+                raise ValueError("answer_format must be None, 'float' or 'base64'")
+            return value
         return value  # pragma: no cover
 
     def push_faults(self, *kinds: str) -> None:
@@ -676,7 +681,8 @@ class FakeOpenAI:
             out.extend(e["inputs"])
         return out
 
-    def _record(self, texts: list[str], status: int, tokens: int, fault: str | None, model: str | None) -> None:
+    def _record(self, texts: list[str], status: int, tokens: int, fault: str | None, model: str | None,
+                answered: str | None = None) -> None:
         with self._lock:
             self._seq += 1
             self.log.append(
@@ -688,6 +694,7 @@ class FakeOpenAI:
                     "tokens": tokens,
                     "fault": fault,
                     "model": model,
+                    "answered": answered,  # the encoding of a 200's vectors: "float" or "base64"
                     "t": time.monotonic(),
                 }
             )
@@ -1000,14 +1007,15 @@ class FakeOpenAI:
                 )
                 return
 
+        answered = s["answer_format"] or v.fmt
         payload = {
             "object": "list",
-            "data": self._embedding_items(v, v.fmt),
+            "data": self._embedding_items(v, answered),
             "model": v.model,
             "usage": {"prompt_tokens": v.total_tokens, "total_tokens": v.total_tokens},
         }
         body = json.dumps(payload, separators=(",", ":")).encode("utf-8")
-        self._record(v.texts, 200, v.total_tokens, None, v.model)
+        self._record(v.texts, 200, v.total_tokens, None, v.model, answered)
         h.send_bytes(200, body, headers=headers)
 
     def _deliver_fault(self, h: _Handler, v: _Validated, fault: str, latency: float, hang_s: float) -> None:
