@@ -1,3 +1,3 @@
-from backfill.cli import main
+from backfill.startup import main
 
 main()

@@ -9,7 +9,7 @@ from typing import Any
 
 from sqlalchemy.engine import Connection, Engine
 
-from backfill import db, follow, jobs, report, runner, sources, stopping, tables
+from backfill import db, follow, jobs, report, runner, sources, startup, stopping, tables
 from backfill import stats as coverage
 from backfill.config import Settings
 from backfill.errors import ConfigError, Interrupted, LeaseHeld, RowsFailed
@@ -49,6 +49,7 @@ def _claim(engine: Engine, job: jobs.Job, worker: str, req: RunRequest) -> jobs.
 
 def drive(settings: Settings, engine: Engine, job: jobs.Job, provider: Provider, req: RunRequest,
            options: RunOptions, *, retry: bool = False, runner_class: Callable[..., Any] | None = None) -> int:
+    startup.settled()  # the modules are loaded: the cycle collector runs as usual from here (startup.py)
     worker = jobs.worker_identity()
     job = _claim(engine, job, worker, req)
     options.max_runtime_s = req.max_runtime_s
