@@ -50,3 +50,19 @@ def test_the_wheel_holds_the_package_and_its_migrations_and_no_test_double(tmp_p
     expected = sorted(p.name for p in (ROOT / "migrations" / "versions").glob("*.py"))
     assert expected and shipped == expected
     assert {"backfill/cli.py", "backfill/_migrations/env.py", "backfill/_migrations/script.py.mako"} <= set(names)
+
+
+def test_the_backfill_command_of_the_wheel_and_of_this_install_starts(tmp_path: Path) -> None:
+    """The console script the wheel declares resolves to a function, and the installed command runs."""
+    wheel = zipfile.ZipFile(_build_wheel(tmp_path))
+    (entry_file,) = [n for n in wheel.namelist() if n.endswith(".dist-info/entry_points.txt")]
+    entries = wheel.read(entry_file).decode()
+    target = next(line.split("=", 1)[1].strip() for line in entries.splitlines() if line.startswith("backfill ="))
+    module, func = target.split(":")
+    loaded = subprocess.run([sys.executable, "-c", f"import {module}; assert callable({module}.{func})"],
+                            capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert loaded.returncode == 0, loaded.stderr
+    command = Path(sys.executable).parent / "backfill"
+    assert command.exists(), "the backfill command is not installed: pip install -e '.[test]'"
+    ran = subprocess.run([str(command), "--version"], capture_output=True, text=True, timeout=60)
+    assert ran.returncode == 0 and ran.stdout.strip() == f"backfill {version('backfill')}", ran.stdout + ran.stderr
