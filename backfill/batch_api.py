@@ -90,10 +90,6 @@ def runner_factory(settings: Settings, job: jobs.Job, timeout: float, poll_inter
     return functools.partial(BatchRunner, api=api_for(settings, job, timeout), batch=options)
 
 
-def is_batch(job: jobs.Job) -> bool:
-    return job.params.get("mode") == "batch"
-
-
 class BatchRunner(JobRun):
     """Plan → upload → create → poll → collect, with the `Runner`'s constructor and `run()`."""
 

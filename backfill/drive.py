@@ -144,11 +144,10 @@ def _count_from_job(outcome: Any, before: jobs.Job, after: jobs.Job) -> None:
 
 def batch_runner(settings: Settings, job: jobs.Job, req: RunRequest) -> Callable[..., Any] | None:
     """The batch-mode runner for a job started with `--mode batch`, else None (the sync runner)."""
-    # Batch API mode (and the openai SDK it needs) loads only when a job uses it
-    from backfill import batch_api
-
-    if not batch_api.is_batch(job):
+    if not job.batch_mode:
         return None
+    from backfill import batch_api  # Batch API mode (and its Files/Batches client) loads only for a job that uses it
+
     return batch_api.runner_factory(settings, job, req.timeout_s, req.poll_interval_s)
 
 

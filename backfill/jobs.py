@@ -63,6 +63,11 @@ class Job:
     def params(self) -> dict[str, Any]:
         return json.loads(self.row["params"] or "{}")
 
+    @property
+    def batch_mode(self) -> bool:
+        """Started with `--mode batch` (OpenAI's Batch API: batch_api.py, loaded only for such a job)."""
+        return self.params.get("mode") == "batch"
+
     def __getattr__(self, name: str) -> Any:
         try:
             return self.row[name]

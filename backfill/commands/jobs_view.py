@@ -114,10 +114,11 @@ def _when(stamp: object) -> str:
 
 def _batch_status(settings: Settings, engine: Engine, job: jobs.Job) -> str | None:
     """For a batch job: poll the provider once and write what finished (None for a sync job)."""
-    # Batch API mode (and the openai SDK it needs) loads only when a job uses it
-    from backfill import batch_api
+    if not job.batch_mode:
+        return None
+    from backfill import batch_api  # Batch API mode (and the openai SDK it needs) loads only for a job that uses it
 
-    return batch_api.collect_for_status(settings, engine, job) if batch_api.is_batch(job) else None
+    return batch_api.collect_for_status(settings, engine, job)
 
 
 def list_jobs(settings: Settings) -> int:
